@@ -1,0 +1,37 @@
+"""Test-suite configuration: strict JAX numerics and fresh gin state for every test.
+
+- `jax_numpy_rank_promotion="raise"`: (B,) + (B, 1) is an error, not a silent (B, B).
+- `jax_numpy_dtype_promotion="strict"`: no silent float64/int mixing.
+- `jax_debug_key_reuse=True`: using a PRNG key twice raises `KeyReuseError`.
+"""
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported (OGBENCH-DATA.md §7)
+
+import gin
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_debug_key_reuse", True)
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.fixture
+def getkey():
+    """A fresh, never-reused PRNG key per call."""
+    counter = iter(range(10**9))
+    base = jax.random.key(1234)
+
+    def _getkey():
+        return jax.random.fold_in(base, next(counter))
+
+    return _getkey
