@@ -1,0 +1,42 @@
+"""The extractor registry: names → classes, each also registered with gin.
+
+`@register_extractor("qam")` puts the class in `REGISTRY` and registers it with gin under the same
+name (module `extractors`), so a gin file can say `train.extractor = @qam()` and bind
+`qam.inv_temp = 1.0`. Library code never switches on names; names live here and in gin files.
+"""
+
+from __future__ import annotations
+
+import gin
+
+from flowrl.extractor import AbstractExtractor
+
+REGISTRY: dict[str, type[AbstractExtractor]] = {}
+
+
+def register_extractor(name: str):
+    """Class decorator: `REGISTRY[name] = cls` and `gin.register(name, module="extractors")(cls)`."""
+
+    def decorate(cls: type[AbstractExtractor]) -> type[AbstractExtractor]:
+        if not (isinstance(cls, type) and issubclass(cls, AbstractExtractor)):
+            raise TypeError(f"@register_extractor({name!r}) needs an AbstractExtractor subclass, got {cls!r}")
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"extractor name {name!r} is already registered to {REGISTRY[name].__qualname__}")
+        REGISTRY[name] = cls
+        gin.register(name, module="extractors")(cls)
+        return cls
+
+    return decorate
+
+
+def get_extractor(name: str) -> type[AbstractExtractor]:
+    """The class registered as `name`; a clear error listing the registered names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY)) or "(none: import the `extractors` package first)"
+        raise KeyError(f"unknown extractor {name!r}; registered extractors: {known}") from None
+
+
+def registered_names() -> list[str]:
+    return sorted(REGISTRY)
