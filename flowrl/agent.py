@@ -196,7 +196,7 @@ def update(
     grads, metrics = jax.grad(loss_of, has_aux=True)(params)
     updates, opt_state = config.optimizer().update(grads, state.opt_state, params)
     new_online = eqx.combine(optax.apply_updates(params, updates), static)
-    metrics["optim/grad_norm"] = optax.global_norm(grads)
+    metrics["optim/grad_norm"] = optax.tree.norm(grads)
     new_state = AgentState(
         online=new_online,
         target_critic=ema_update(state.online.critic, state.target_critic, config.ema_rate),

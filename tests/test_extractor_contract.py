@@ -1,0 +1,150 @@
+"""The contract every registered extractor satisfies, with no per-extractor code.
+
+Parametrised over `flowrl.registry.REGISTRY`, so a new extractor is tested as soon as it is
+registered. Extractors are built with their defaults; a `hidden_dims` field, where present, is
+shrunk so the suite stays fast on a CPU.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import extractors  # noqa: F401  (registers the strategies)
+from flowrl.agent import AgentConfig, init_agent, update
+from flowrl.extractor import AbstractExtractor, frozen_context_loss
+from flowrl.registry import REGISTRY
+from tests.helpers import CHUNK_DIM, HIDDEN, HORIZON, OBS_DIM, tiny_batch, tiny_context
+
+
+def build(name: str) -> AbstractExtractor:
+    extractor = REGISTRY[name]()
+    if any(f.name == "hidden_dims" for f in dataclasses.fields(extractor)):
+        extractor = dataclasses.replace(extractor, hidden_dims=HIDDEN)
+    return extractor
+
+
+@pytest.fixture(params=sorted(REGISTRY))
+def extractor(request) -> AbstractExtractor:
+    return build(request.param)
+
+
+def _inexact(tree):
+    return eqx.filter(tree, eqx.is_inexact_array)
+
+
+def test_registry_holds_abstract_extractors():
+    assert {"qam", "bam"} <= set(REGISTRY)
+    for name, cls in REGISTRY.items():
+        assert issubclass(cls, AbstractExtractor), name
+        assert not getattr(cls, "__abstractmethods__", None), f"{name} leaves methods abstract"
+
+
+def test_init_is_pure(extractor, getkey):
+    ctx = tiny_context(getkey())
+    key = getkey()
+    first = extractor.init(ctx, key=jax.random.clone(key))
+    second = extractor.init(ctx, key=key)
+    assert bool(eqx.tree_equal(first, second))
+    leaves = jax.tree.leaves(_inexact(first))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+
+
+def test_loss_is_finite_scalar_with_scalar_metrics(extractor, getkey):
+    ctx = tiny_context(getkey())
+    params = extractor.init(ctx, key=getkey())
+    loss, metrics = frozen_context_loss(extractor, params, ctx, tiny_batch(getkey()), key=getkey())
+    assert loss.shape == () and bool(jnp.isfinite(loss))
+    assert "loss" in metrics
+    for name, value in metrics.items():
+        assert jnp.shape(value) == (), name
+        assert bool(jnp.isfinite(value)), name
+
+
+def test_gradients_reach_only_the_extractor(extractor, getkey):
+    ctx = tiny_context(getkey())
+    params = extractor.init(ctx, key=getkey())
+    batch = tiny_batch(getkey())
+    key = getkey()
+
+    def loss_of(params, ctx):
+        return frozen_context_loss(extractor, params, ctx, batch, key=key)[0]
+
+    params_arrays, params_static = eqx.partition(params, eqx.is_inexact_array)
+    ctx_arrays, ctx_static = eqx.partition(ctx, eqx.is_inexact_array)
+
+    def loss_of_arrays(p, c):
+        return loss_of(eqx.combine(p, params_static), eqx.combine(c, ctx_static))
+
+    param_grads, ctx_grads = jax.grad(loss_of_arrays, argnums=(0, 1))(params_arrays, ctx_arrays)
+    for leaf in jax.tree.leaves(ctx_grads):
+        assert bool(jnp.all(leaf == 0.0)), "a gradient leaked into the context"
+    param_leaves = jax.tree.leaves(param_grads)
+    if param_leaves:
+        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in param_leaves)
+        assert any(bool(jnp.any(leaf != 0.0)) for leaf in param_leaves), "no gradient reaches params"
+
+
+def test_sample_shape_bounds_and_determinism(extractor, getkey):
+    ctx = tiny_context(getkey())
+    params = extractor.init(ctx, key=getkey())
+    obs = jax.random.normal(getkey(), (OBS_DIM,))
+    key = getkey()
+    sample = jax.jit(lambda o, k: extractor.sample(params, ctx, o, key=k))
+    first = sample(obs, jax.random.clone(key))
+    again = sample(obs, key)
+    assert first.shape == (CHUNK_DIM,)
+    np.testing.assert_array_equal(first, again)
+    assert bool(jnp.all((first >= -1.0) & (first <= 1.0)))
+    others = [sample(obs, getkey()) for _ in range(3)]
+    assert any(not np.array_equal(first, other) for other in others), "sampling ignores the key"
+
+
+def _config() -> AgentConfig:
+    return AgentConfig(
+        horizon=HORIZON,
+        batch_size=8,
+        num_critics=3,
+        actor_hidden_dims=HIDDEN,
+        critic_hidden_dims=HIDDEN,
+        grad_clip_norm=1.0,
+    )
+
+
+def test_jitted_update_traces_once(extractor, getkey):
+    config = _config()
+    state = init_agent(extractor, config, OBS_DIM, CHUNK_DIM, key=getkey())
+    traces = []
+
+    @eqx.filter_jit
+    def step(state, batch, extractor, config, key):
+        traces.append(None)
+        return update(state, batch, extractor, config, key=key)
+
+    for _ in range(3):
+        state, metrics = step(state, tiny_batch(getkey()), extractor, config, getkey())
+    # A different continuous hyperparameter value must not recompile either.
+    config = dataclasses.replace(config, discount=jnp.asarray(0.9), rho=jnp.asarray(0.1))
+    state, metrics = step(state, tiny_batch(getkey()), extractor, config, getkey())
+    assert len(traces) == 1
+    assert int(state.step) == 4
+    assert all(bool(jnp.isfinite(v)) for v in metrics.values())
+
+
+def test_update_vmaps_over_three_seeds(extractor, getkey):
+    config = _config()
+    seed_keys = jax.random.split(getkey(), 3)
+    states = eqx.filter_vmap(lambda k: init_agent(extractor, config, OBS_DIM, CHUNK_DIM, key=k))(seed_keys)
+    batches = jax.vmap(lambda k: tiny_batch(k))(jax.random.split(getkey(), 3))
+    update_keys = jax.random.split(getkey(), 3)
+    new_states, metrics = eqx.filter_jit(
+        eqx.filter_vmap(lambda s, b, k: update(s, b, extractor, config, key=k))
+    )(states, batches, update_keys)
+    assert metrics["loss/total"].shape == (3,)
+    assert bool(jnp.all(jnp.isfinite(metrics["loss/total"])))
+    # Seeds are independent: different initial parameters give different losses.
+    assert len(set(np.asarray(metrics["loss/total"]).round(6).tolist())) == 3
+    np.testing.assert_array_equal(new_states.step, np.ones(3))
