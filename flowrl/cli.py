@@ -1,0 +1,157 @@
+"""The `flowrl` command line: list, train, data generate, plot.
+
+    flowrl list
+    flowrl train CONFIG.gin... [--bind 'X.y=v']... [--seed S] [--out DIR] [--resume | --overwrite]
+    flowrl data generate DOMAIN [--episodes N] [--workers W] [--dir D] [--seed S]
+    flowrl plot RUN... [--out FILE] [--no-paper]
+
+User errors (bad config, data, run directory) print one line `flowrl: error: …` and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from flowrl.errors import ConfigError, FlowRLError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _import_extractors() -> None:
+    import extractors  # noqa: F401  (registers every strategy with the registry and gin)
+
+
+def _list(args: argparse.Namespace) -> int:
+    _import_extractors()
+    from flowrl.registry import registered_names
+
+    for name in registered_names():
+        print(name)
+    return 0
+
+
+def parse_gin(config_files: list[str], bindings: list[str]) -> str:
+    """Parse gin files and bindings strictly; return the parsed config text (for the fingerprint).
+
+    Unknown names, malformed bindings and missing files raise `ConfigError` naming the file
+    (and line) or the binding.
+    """
+    import gin
+
+    _import_extractors()
+    import flowrl.train  # noqa: F401  (registers the `train` root)
+
+    gin.add_config_file_search_path(str(EXPERIMENTS_DIR))
+    for path in config_files:
+        if not Path(path).is_file() and not (EXPERIMENTS_DIR / path).is_file():
+            raise ConfigError(f"gin file {path} not found (relative paths resolve against the working "
+                              f"directory, then {EXPERIMENTS_DIR})")
+    resolved = [p if Path(p).is_file() else str(EXPERIMENTS_DIR / p) for p in config_files]
+    for path in resolved:
+        try:
+            gin.parse_config_file(path, skip_unknown=False)
+        except (ValueError, KeyError, ImportError, SyntaxError, TypeError) as e:
+            raise ConfigError(f"{path}: {_one_line(e)}") from None
+    for binding in bindings:
+        try:
+            gin.parse_config(binding, skip_unknown=False)
+        except (ValueError, KeyError, ImportError, SyntaxError, TypeError) as e:
+            raise ConfigError(f"--bind {binding!r}: {_one_line(e)}") from None
+    return gin.config_str()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _default_out(config_files: list[str], seed: int) -> Path:
+    stem = "-".join(Path(p).with_suffix("").name for p in config_files) or "run"
+    return Path("runs") / f"{stem}-seed{seed}"
+
+
+def _train(args: argparse.Namespace) -> int:
+    import gin
+
+    config_text = parse_gin(args.configs, args.bind)
+    if args.resume and args.overwrite:
+        raise ConfigError("pass either --resume or --overwrite, not both")
+    out = Path(args.out) if args.out else _default_out(args.configs, args.seed)
+    from flowrl.train import train
+
+    try:
+        summary = train(out, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                        config_text=config_text, progress=not args.no_progress)
+    except (ValueError, TypeError) as e:
+        if "gin" in str(e).lower() or "REQUIRED" in str(e):
+            raise ConfigError(_one_line(e)) from None
+        raise
+    finally:
+        gin.clear_config()
+    run = Path(summary["run_dir"])
+    plot_path = None
+    if summary.get("success") is not None:
+        try:
+            from flowrl.plot import plot_runs
+
+            plot_path = plot_runs([run], run / "success.png")
+        except FlowRLError as e:  # a plot must never fail a finished run
+            print(f"flowrl: warning: no plot: {e}", file=sys.stderr)
+    print(f"run directory : {run}")
+    print(f"train metrics : {summary['train_csv']}")
+    print(f"eval metrics  : {summary['eval_csv']}")
+    print(f"checkpoints   : {summary['checkpoint_dir']}")
+    if plot_path is not None:
+        print(f"success plot  : {plot_path}")
+    if summary.get("success") is not None:
+        print(f"final success : {summary['success']:.3f} at step {summary['final_step']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowrl", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    listing = commands.add_parser("list", help="print the registered extractors, one per line")
+    listing.set_defaults(func=_list)
+
+    train = commands.add_parser("train", help="train offline from gin configs")
+    train.add_argument("configs", nargs="+", metavar="CONFIG.gin",
+                       help="gin files (paths, or relative to the experiments/ directory)")
+    train.add_argument("--bind", action="append", default=[], metavar="'X.y=v'",
+                       help="extra gin binding (repeatable), applied after the files")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", help="run directory (default: runs/<configs>-seed<S>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="move an existing different run in --out aside (renamed, never deleted)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    from flowrl.ogbench.commands import register_cli as register_data
+    from flowrl.plot import register_cli as register_plot
+
+    register_data(commands)
+    register_plot(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported (OGBENCH-DATA.md §7)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FlowRLError as e:
+        print(f"flowrl: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowrl: interrupted; rerun with --resume to continue from the latest checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
