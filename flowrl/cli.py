@@ -11,6 +11,7 @@ User errors (bad config, data, run directory) print one line `flowrl: error: …
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,9 @@ def parse_gin(config_files: list[str], bindings: list[str]) -> str:
     import flowrl.train  # noqa: F401  (registers the `train` root)
 
     gin.add_config_file_search_path(str(EXPERIMENTS_DIR))
+    # gin probes each include on the Python path first and logs a spurious ERROR when it is not
+    # there (gin/resource_reader.py); the include is then found on the search path.
+    logging.getLogger().addFilter(_quiet_gin_probe)
     for path in config_files:
         if not Path(path).is_file() and not (EXPERIMENTS_DIR / path).is_file():
             raise ConfigError(f"gin file {path} not found (relative paths resolve against the working "
@@ -63,8 +67,13 @@ def parse_gin(config_files: list[str], bindings: list[str]) -> str:
     return gin.config_str()
 
 
+def _quiet_gin_probe(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Path not found")
+
+
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    text = str(error).split("\n  In call to configurable")[0]  # gin's appended call trail
+    text = " ".join(text.split())
     return text or type(error).__name__
 
 
@@ -84,7 +93,10 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         summary = train(out, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                        config_text=config_text, progress=not args.no_progress)
+                        config_text=config_text, progress=not args.no_progress, dry_run=args.dry_run)
+        if args.dry_run:
+            print(gin.operative_config_str())
+            return 0
     except (ValueError, TypeError) as e:
         if "gin" in str(e).lower() or "REQUIRED" in str(e):
             raise ConfigError(_one_line(e)) from None
@@ -129,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="move an existing different run in --out aside (renamed, never deleted)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--dry-run", action="store_true",
+                       help="build and check the configuration, print the operative config, run nothing")
     train.set_defaults(func=_train)
 
     from flowrl.ogbench.commands import register_cli as register_data

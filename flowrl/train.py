@@ -164,19 +164,30 @@ def train(
     use_wandb: bool = False,
     progress: bool = True,
     config_text: str = "",
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Train offline and return a summary (final success, paths, timings).
 
     Every interval must be a multiple of `steps_per_call` (checked with a clear error). Evaluation
-    is skipped when `eval_episodes = 0` or `eval_interval = 0`.
+    is skipped when `eval_episodes = 0`. With `dry_run`, the configuration is built and checked
+    and returned without touching data or the run directory.
     """
     if eval_interval == 0:
         eval_interval = offline_steps or steps_per_call
     _check_intervals(offline_steps, steps_per_call, log_interval=log_interval,
                      eval_interval=eval_interval, save_interval=save_interval)
-    fingerprint = hashlib.sha256(f"{config_text}\nseed={seed}".encode()).hexdigest()
-    run = prepare_run_dir(run_dir, fingerprint=fingerprint, resume=resume, overwrite=overwrite)
+    if not isinstance(extractor, AbstractExtractor):
+        raise ConfigError(f"train.extractor must be an extractor such as @qam(), got {extractor!r}")
+    if not isinstance(agent, AgentConfig):
+        raise ConfigError(f"train.agent must be @flowrl.AgentConfig(), got {agent!r}")
+    from flowrl.ogbench import parse_env_name
 
+    parse_env_name(env_name)  # unknown env or task: one line listing the valid ones
+    if dry_run:
+        return {"env_name": env_name, "extractor": extractor, "agent": agent, "sparse": sparse,
+                "offline_steps": offline_steps, "eval_episodes": eval_episodes}
+
+    # Everything that can reject the input happens before the run directory is touched.
     data_path = Path(data_dir).expanduser() if data_dir else default_data_dir()
     data, data_info = load_training_data(
         env_name, data_path, sparse=sparse, clip_actions=clip_dataset_actions,
@@ -188,6 +199,8 @@ def train(
     chunk_dim = int(data["actions"].shape[1]) * agent.horizon
     dataset = SequenceDataset.from_numpy(data)
     del data
+    fingerprint = hashlib.sha256(f"{config_text}\nseed={seed}".encode()).hexdigest()
+    run = prepare_run_dir(run_dir, fingerprint=fingerprint, resume=resume, overwrite=overwrite)
 
     # Save what this run is: operative config, versions, task and method (plots read these).
     write_text_atomic(run / "config.gin", gin.operative_config_str())
@@ -255,8 +268,6 @@ def train(
     train_seconds = 0.0
     try:
         step = start_step
-        if step == 0 and evaluator is not None and resume is False and False:
-            pass
         while step < offline_steps:
             chunk_start = time.perf_counter()
             state, metrics = run_chunk(state, extractor, agent, jax.random.fold_in(base_key, step))
