@@ -7,6 +7,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from flowrl.errors import DatasetError as FlowRLDatasetError
 from flowrl.ogbench.datasets import (
     ACTION_CLIP,
     DatasetError,
@@ -178,7 +179,8 @@ def write_variant(tmp_path, data_dir, mutate, *, domain="cube-double-play", comp
     return path
 
 
-def expect_error(path_or_env, directory, pattern, *, domain="cube-double-play"):
+def expect_error(directory, pattern, *, domain="cube-double-play"):
+    """load_dataset(<domain>-singletask-v0, directory) raises one DatasetError line matching `pattern`."""
     env_name = f"{domain}-singletask-v0"
     with pytest.raises(DatasetError, match=pattern) as info:
         load_dataset(env_name, directory)
@@ -188,7 +190,7 @@ def expect_error(path_or_env, directory, pattern, *, domain="cube-double-play"):
 
 
 def test_missing_file_names_file_and_command(tmp_path):
-    message = expect_error(None, tmp_path, "not found")
+    message = expect_error(tmp_path, "not found")
     assert str(tmp_path / "cube-double-play-v0.npz") in message
     assert f"flowrl data generate cube-double-play --dir {tmp_path}" in message
     with pytest.raises(DatasetError, match="cube-double-play-v0-val.npz not found"):
@@ -199,12 +201,12 @@ def test_truncated_and_non_zip_files(tmp_path, data_dir):
     good = (data_dir / "cube-double-play-v0.npz").read_bytes()
     path = tmp_path / "cube-double-play-v0.npz"
     path.write_bytes(good[: len(good) // 2])
-    expect_error(path, tmp_path, r"not a readable \.npz archive .*truncated download")
+    expect_error(tmp_path, r"not a readable \.npz archive .*truncated download")
     path.write_bytes(np.random.default_rng(0).bytes(1000))
-    expect_error(path, tmp_path, r"not an \.npz archive .*pickled or arbitrary data")
+    expect_error(tmp_path, r"not an \.npz archive .*pickled or arbitrary data")
     np.save(tmp_path / "single.npy", np.zeros((3, 37), np.float32))
     shutil.move(tmp_path / "single.npy", path)
-    expect_error(path, tmp_path, r"single \.npy array")
+    expect_error(tmp_path, r"single \.npy array")
 
 
 def test_bad_crc(tmp_path, data_dir):
@@ -215,7 +217,7 @@ def test_bad_crc(tmp_path, data_dir):
     assert offset > 0
     blob[offset] ^= 0xFF
     path.write_bytes(bytes(blob))
-    expect_error(path, tmp_path, r"key 'observations' is corrupt \(Bad CRC-32")
+    expect_error(tmp_path, r"key 'observations' is corrupt \(Bad CRC-32")
 
 
 def test_pickled_object_array_is_refused(tmp_path, data_dir):
@@ -223,7 +225,7 @@ def test_pickled_object_array_is_refused(tmp_path, data_dir):
         raw["observations"] = np.array([{"not": "numbers"}] * raw["terminals"].shape[0], dtype=object)
 
     write_variant(tmp_path, data_dir, to_objects)
-    expect_error(None, tmp_path, "'observations' holds an object array \\(pickled data\\)")
+    expect_error(tmp_path, "'observations' holds an object array \\(pickled data\\)")
 
 
 @pytest.mark.parametrize(
@@ -257,7 +259,7 @@ def test_pickled_object_array_is_refused(tmp_path, data_dir):
 def test_malformed_files_give_one_clear_line(tmp_path, data_dir, domain, mutate, pattern):
     write_variant(tmp_path, data_dir, mutate, domain=domain)
     shutil.copy(data_dir / f"{domain}-v0-val.npz", tmp_path)
-    message = expect_error(None, tmp_path, pattern, domain=domain)
+    message = expect_error(tmp_path, pattern, domain=domain)
     assert str(tmp_path / f"{domain}-v0.npz") in message
 
 
@@ -291,11 +293,12 @@ def test_env_name_parsing():
     with pytest.raises(UnknownEnvError, match="not of the form <domain>-singletask"):
         parse_env_name("cube-double-play-v0")
     assert issubclass(UnknownEnvError, DatasetError) and issubclass(DatasetError, ValueError)
+    assert issubclass(DatasetError, FlowRLDatasetError)  # the CLI reports FlowRLErrors as one line
 
 
 def test_domain_table_covers_the_paper_and_official_file_names():
     assert len(DOMAINS) == 11
-    assert DOMAINS["cube-triple-play"].train_episodes == 3000 and DOMAINS["cube-quadruple-play"].train_episodes == 5000
+    assert DOMAINS["cube-triple-play"].train_episodes == 3000 and DOMAINS["cube-quadruple-play"].default_episodes == 5000
     assert DOMAINS["scene-play"].file_names() == ("scene-play-v0.npz", "scene-play-v0-val.npz")
     assert [name for name, spec in DOMAINS.items() if spec.paper_dataset == "100m"] == [
         "cube-quadruple-play",

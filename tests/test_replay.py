@@ -162,5 +162,5 @@ def test_from_numpy_rejects_bad_input():
         SequenceDataset.from_numpy({**data, "rewards": data["rewards"][:-1]})
     with pytest.raises(SequenceDatasetError, match="size 13"):
         SequenceDataset.from_numpy(data, size=13)
-    with pytest.raises(ValueError, match="horizon"):
+    with pytest.raises(SequenceDatasetError, match="chunk length H = 13"):
         sample_sequence(SequenceDataset.from_numpy(data), jax.random.key(0), 4, 13, 0.99)

@@ -12,27 +12,32 @@ All of them read the goal-conditioned dataset files `<domain>-v0.npz` and `<doma
 
 from __future__ import annotations
 
-from flowrl import errors
-
 import dataclasses
 import re
 from typing import Literal
+
+from flowrl import errors
 
 __all__ = [
     "DOMAINS",
     "DatasetError",
     "DomainSpec",
     "EnvName",
+    "GENERABLE_DOMAINS",
     "NotGenerableError",
     "UnknownEnvError",
     "domain_spec",
     "env_dims",
+    "generable_domain_spec",
     "parse_env_name",
 ]
 
 
 class DatasetError(errors.DatasetError, ValueError):
-    """Bad or missing OGBench dataset input; the message is one line naming the problem and the fix."""
+    """Bad or missing OGBench dataset input; the message is one line naming the problem and the fix.
+
+    A `flowrl.errors.DatasetError` (the CLI reports it as one line) and a `ValueError`.
+    """
 
 
 class UnknownEnvError(DatasetError):
@@ -104,6 +109,11 @@ class DomainSpec:
     def shard_directory(self) -> str:
         """Directory name of the 100M shard set (OGBench / horizon-reduction layout)."""
         return f"{self.name}-100m-v0"
+
+    @property
+    def default_episodes(self) -> int:
+        """Train episodes `generate` makes by default: the official count (`train_episodes`)."""
+        return self.train_episodes
 
     @property
     def val_episodes(self) -> int:
