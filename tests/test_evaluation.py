@@ -15,6 +15,7 @@ import pytest
 
 from flowrl.evaluation import (
     DimensionMismatchError,
+    EnvWorkerError,
     EvaluationError,
     Evaluator,
     PolicyOutputError,
@@ -37,7 +38,8 @@ def uniform_policy(horizon: int, scale: float = 1.0, clip_first: bool = False):
     @jax.jit
     def policy(observations, keys):
         del observations
-        chunks = scale * jax.vmap(lambda k: jax.random.uniform(k, (horizon * ACTION_DIM,), minval=-1.0, maxval=1.0))(keys)
+        draw = lambda k: jax.random.uniform(k, (horizon * ACTION_DIM,), minval=-1.0, maxval=1.0)  # noqa: E731
+        chunks = scale * jax.vmap(draw)(keys)
         return jax.numpy.clip(chunks, -1.0, 1.0) if clip_first else chunks
 
     return policy
@@ -184,6 +186,19 @@ def test_two_workers_equal_one_worker_exactly(evaluator):
         np.testing.assert_array_equal(a, b)
 
 
+def test_chunks_longer_than_a_segment_run_as_several_segments(evaluator, monkeypatch):
+    # With 3 actions per round trip, a 7-action chunk runs as segments of 3 + 3 + 1 (in both processes).
+    policy = mlp_policy(horizon=7)
+    kwargs = dict(episodes=4, seed=2, horizon=7, policy_batch_size=BATCH, record_actions=True)
+    whole = evaluator.evaluate(policy, **kwargs)
+    monkeypatch.setattr("flowrl.evaluation._SEGMENT_CAPACITY", 3)
+    with Evaluator(ENV, num_envs=2, workers=2, max_episode_steps=STEPS) as segmented:
+        split = segmented.evaluate(policy, **kwargs)
+    assert_same_outcomes(whole, split)
+    for a, b in zip(whole.episode_actions, split.episode_actions, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- errors and clean-up ----------------------------------------------------------------------------
 
 
@@ -240,6 +255,20 @@ def test_worker_processes_are_stopped_when_the_policy_raises():
         assert not process.is_alive()
         with pytest.raises(ProcessLookupError):
             os.kill(process.pid, 0)
+
+
+def test_a_dead_worker_is_reported_and_the_evaluator_refuses_further_use():
+    ev = Evaluator(ENV, num_envs=2, workers=2, max_episode_steps=STEPS)
+    try:
+        (worker,) = ev._pool.workers
+        worker.process.kill()
+        worker.process.join()
+        with pytest.raises(EnvWorkerError, match="slots 1-1"):
+            ev.evaluate(uniform_policy(5), episodes=2, seed=0, horizon=5, policy_batch_size=BATCH)
+        with pytest.raises(EvaluationError, match="create a new one"):
+            ev.evaluate(uniform_policy(5), episodes=2, seed=0, horizon=5, policy_batch_size=BATCH)
+    finally:
+        ev.close()
 
 
 def test_closed_evaluator_refuses():
