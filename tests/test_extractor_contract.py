@@ -7,6 +7,7 @@ shrunk so the suite stays fast on a CPU.
 
 import dataclasses
 
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,7 @@ def test_init_is_pure(extractor, getkey):
     first = extractor.init(ctx, key=jax.random.clone(key))
     second = extractor.init(ctx, key=key)
     assert bool(eqx.tree_equal(first, second))
-    leaves = jax.tree.leaves(_inexact(first))
-    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+    chex.assert_tree_all_finite(_inexact(first))
 
 
 def test_loss_is_finite_scalar_with_scalar_metrics(extractor, getkey):
@@ -84,7 +84,7 @@ def test_gradients_reach_only_the_extractor(extractor, getkey):
         assert bool(jnp.all(leaf == 0.0)), "a gradient leaked into the context"
     param_leaves = jax.tree.leaves(param_grads)
     if param_leaves:
-        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in param_leaves)
+        chex.assert_tree_all_finite(param_grads)
         assert any(bool(jnp.any(leaf != 0.0)) for leaf in param_leaves), "no gradient reaches params"
 
 
