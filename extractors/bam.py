@@ -4,11 +4,11 @@ The baseline QAM is compared against in Li & Levine (ICLR 2026): the same fine-t
 rollout and sampler as QAM, but the KL-regularised objective is differentiated directly through
 the whole discretised SDE (the "basic" adjoint, computed by autodiff):
 
-    L = mean_b [ Σ_{i=0}^{K−2} (2/σ_i²)·‖v_θ(s, x_i, t_i) − sg v̄_β(s, x_i, t_i)‖²
+    L = mean_b [ Σ_{i=0}^{K−2} (2/σ_i²)·‖v_θ(s, x_i, t_i) − v̄_β(s, x_i, t_i)‖²
                  − λ·( mean_e Q_e(s, x_K) − ρ·std_e Q_e(s, x_K) ) ],
 
-with x_i carrying gradients through every step (including the input-Jacobian of v̄_β in the final
-ODE step). Parity quirks kept (METHODS §9.3): the regulariser has no factor h and skips the last
+with x_i carrying gradients through every step — through v̄_β's input-Jacobian in the regulariser
+and in the final ODE step — while no gradient reaches v̄_β's parameters. Parity quirks kept (METHODS §9.3): the regulariser has no factor h and skips the last
 step, so it is K× the path KL and BAM's optimum is p_β·exp(h·λ·Q) — its λ is not on QAM's scale;
 the Q term uses the *online*, *pessimistic* critic at the *unclipped* x_K.
 
@@ -56,9 +56,9 @@ class BAM(AbstractExtractor):
         times = time_grid(self.flow_steps)[:sde_steps]
         sigma = sigma_schedule(self.flow_steps)[:sde_steps]
         at_steps = jax.vmap(lambda field, x, t: field(obs, x, t), in_axes=(None, 0, 0))
-        gap = at_steps(fine, states[:sde_steps], times) - jax.lax.stop_gradient(
-            at_steps(base, states[:sde_steps], times)
-        )
+        # No stop-gradient on v̄_β here: the states x_i carry the BPTT gradient through it (the
+        # reference's `compute_sde`); its *parameters* are frozen by the trainer's context.
+        gap = at_steps(fine, states[:sde_steps], times) - at_steps(base, states[:sde_steps], times)
         kl = jnp.sum((2.0 / jnp.square(sigma))[:, None] * jnp.square(gap))
         q_term = pessimistic_value(ctx.critic(obs, states[-1]), self.rho)
         return kl - self.inv_temp * q_term, {"kl": kl, "q": q_term}

@@ -22,7 +22,10 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _import_extractors() -> None:
-    import extractors  # noqa: F401  (registers every strategy with the registry and gin)
+    """Register every installed strategy package (entry-point group `flowrl.extractors`)."""
+    from flowrl.registry import load_extractor_plugins
+
+    load_extractor_plugins()
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -10,8 +10,15 @@ from jaxtyping import Array, Float
 
 
 def pessimistic_value(q_values: Float[Array, " e"], rho: Float[Array, ""] | float) -> Float[Array, ""]:
-    """mean_e Q_e − ρ·std_e Q_e (population std, ddof = 0) over the ensemble axis."""
-    return jnp.mean(q_values) - rho * jnp.std(q_values)
+    """mean_e Q_e − ρ·std_e Q_e (population std, ddof = 0) over the ensemble axis.
+
+    The std's gradient is taken as 0 where all members agree (E = 1, or identical members):
+    d sqrt(v)/dv is infinite at v = 0 and would turn gradients into NaN even with ρ = 0.
+    """
+    variance = jnp.var(q_values)
+    positive = variance > 0.0
+    std = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
+    return jnp.mean(q_values) - rho * std
 
 
 def chunked_td_target(

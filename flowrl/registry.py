@@ -29,6 +29,26 @@ def register_extractor(name: str):
     return decorate
 
 
+ENTRY_POINT_GROUP = "flowrl.extractors"
+
+
+def load_extractor_plugins() -> list[str]:
+    """Import every package declared in the `flowrl.extractors` entry-point group.
+
+    This is how the CLI finds strategies without `flowrl/` importing `extractors/`: the bundled
+    package is declared in pyproject.toml, and a third-party package registers its own
+    extractors by declaring `[project.entry-points."flowrl.extractors"] name = "its_package"`.
+    Returns the names of the loaded entry points.
+    """
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        entry_point.load()
+        loaded.append(entry_point.name)
+    return loaded
+
+
 def get_extractor(name: str) -> type[AbstractExtractor]:
     """The class registered as `name`; a clear error listing the registered names otherwise."""
     try:

@@ -76,6 +76,13 @@ def test_velocity_field_takes_raw_time(getkey):
     assert float(jnp.max(jnp.abs(out1))) > 0
 
 
+def test_pessimistic_value_has_finite_gradient_when_members_agree():
+    grad = jax.grad(lambda q: pessimistic_value(q, 0.5))(jnp.array([2.0, 2.0, 2.0]))
+    np.testing.assert_allclose(grad, [1 / 3, 1 / 3, 1 / 3])
+    grad_single = jax.grad(lambda q: pessimistic_value(q, 0.0))(jnp.array([5.0]))
+    np.testing.assert_allclose(grad_single, [1.0])
+
+
 def test_pessimistic_td_target_hand_computed():
     q_next = jnp.array([1.0, 3.0])  # mean 2, population std 1
     np.testing.assert_allclose(pessimistic_value(q_next, 0.5), 1.5)
