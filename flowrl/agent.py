@@ -23,7 +23,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from flowrl.batch import Batch
-from flowrl.critic import chunked_td_target, ensemble_td_loss
+from flowrl.critic import ensemble_td_loss
 from flowrl.extractor import AbstractExtractor, Context, frozen_context_loss
 from flowrl.flow import flow_matching_loss
 from flowrl.networks import CriticEnsemble, VelocityField, ema_update, stop_gradient_tree
@@ -44,6 +44,8 @@ class AgentConfig(eqx.Module):
     actor_hidden_dims: tuple[int, ...] = eqx.field(static=True, default=(512, 512, 512, 512))
     critic_hidden_dims: tuple[int, ...] = eqx.field(static=True, default=(512, 512, 512, 512))
     critic_layer_norm: bool = eqx.field(static=True, default=True)
+    target_update_interval: int = eqx.field(static=True, default=1)  # EMA every n-th update (ReBRAC: 2)
+    skip_nonfinite_updates: bool = eqx.field(static=True, default=False)  # else the driver stops the run
 
     def __check_init__(self):
         if self.horizon < 1 or self.batch_size < 1 or self.num_critics < 1:
@@ -100,13 +102,13 @@ def init_agent(
     `action_dim` is the chunked dimension D = H·A.
     """
     critic_key, flow_key, extractor_key = jax.random.split(key, 3)
-    critic = CriticEnsemble(
+    critic = extractor.make_critic(
         obs_dim,
         action_dim,
         config.critic_hidden_dims,
         config.num_critics,
+        config.critic_layer_norm,
         key=critic_key,
-        layer_norm=config.critic_layer_norm,
     )
     flow = VelocityField(obs_dim, action_dim, config.actor_hidden_dims, key=flow_key)
     ctx = Context(flow, flow, critic, critic, obs_dim, action_dim)
@@ -144,18 +146,20 @@ def agent_loss(
     )
     frozen = stop_gradient_tree(ctx)
     frozen_extractor_params = stop_gradient_tree(online.extractor)
+    aux_key, td_key = jax.random.split(td_key)
 
-    # Critic: chunked pessimistic backup with a′ from the extractor's own policy.
-    next_actions = jax.vmap(lambda o, k: extractor.sample(frozen_extractor_params, frozen, o, key=k))(
-        batch.next_observations, jax.random.split(td_key, batch_size)
+    # Critic: the extractor's backup (default: chunked pessimistic ensemble, a′ from its policy).
+    targets = jax.lax.stop_gradient(
+        extractor.td_target(
+            frozen_extractor_params, frozen, batch, discount=config.discount, horizon=config.horizon,
+            rho=config.rho, key=td_key,
+        )
     )
-    next_q = jax.vmap(state.target_critic)(batch.next_observations, next_actions)
-    targets = jax.vmap(chunked_td_target, in_axes=(0, 0, 0, None, None, None))(
-        batch.rewards, batch.masks, next_q, config.discount, config.horizon, config.rho
-    )
-    targets = jax.lax.stop_gradient(targets)
     q = jax.vmap(online.critic)(batch.observations, actions)
     critic_loss = jnp.mean(jax.vmap(ensemble_td_loss)(q, targets, batch.valid))
+    aux_critic_loss, aux_metrics = extractor.auxiliary_critic_loss(
+        frozen_extractor_params, online.critic, frozen, batch, key=aux_key
+    )
 
     # Behaviour flow: rectified-flow BC, valid-weighted.
     bc_losses = jax.vmap(lambda o, a, k: flow_matching_loss(online.behavior_flow, o, a, key=k))(
@@ -166,10 +170,11 @@ def agent_loss(
     extractor_loss, extractor_metrics = frozen_context_loss(
         extractor, online.extractor, ctx, batch, key=extractor_key
     )
-    total = critic_loss + bc_loss + extractor_loss
+    total = critic_loss + aux_critic_loss + bc_loss + extractor_loss
     metrics = {
         "loss/total": total,
         "critic/loss": critic_loss,
+        **{f"critic/{name}": value for name, value in aux_metrics.items()},
         "critic/q_mean": jnp.mean(q),
         "critic/target_mean": jnp.mean(targets),
         "bc/loss": bc_loss,
@@ -197,15 +202,28 @@ def update(
     updates, opt_state = config.optimizer().update(grads, state.opt_state, params)
     new_online = eqx.combine(optax.apply_updates(params, updates), static)
     metrics["optim/grad_norm"] = optax.tree.norm(grads)
+    # EMA with the pre-update parameters (one-step lag), every `target_update_interval` updates.
+    do_ema = (state.step + 1) % config.target_update_interval == 0
+    ema_rate = jnp.where(do_ema, config.ema_rate, 0.0)
+    new_online = eqx.tree_at(
+        lambda t: t.extractor,
+        new_online,
+        extractor.update_targets(state.online.extractor, new_online.extractor, ema_rate=ema_rate),
+        is_leaf=lambda x: x is None,
+    )
     new_state = AgentState(
         online=new_online,
-        target_critic=ema_update(state.online.critic, state.target_critic, config.ema_rate),
-        target_behavior_flow=ema_update(
-            state.online.behavior_flow, state.target_behavior_flow, config.ema_rate
-        ),
+        target_critic=ema_update(state.online.critic, state.target_critic, ema_rate),
+        target_behavior_flow=ema_update(state.online.behavior_flow, state.target_behavior_flow, ema_rate),
         opt_state=opt_state,
         step=state.step + 1,
     )
+    finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(metrics["optim/grad_norm"])
+    if config.skip_nonfinite_updates:
+        # Keep the old state (only the step counter advances) and count the skipped update.
+        kept = eqx.tree_at(lambda s: s.step, state, new_state.step)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+    metrics["optim/skipped"] = jnp.where(finite, 0.0, 1.0) if config.skip_nonfinite_updates else jnp.zeros(())
     return new_state, metrics
 
 

@@ -25,6 +25,15 @@ Contract (tests/test_extractor_contract.py checks it for every registered name):
   sweep can `vmap` over them without recompiling; structural ones are `static=True`.
 - `loss` receives the context with gradients stopped; only `params` is trained by it.
 - `sample` is per observation, deterministic per key, and returns actions in [−1, 1].
+
+Optional hooks, with defaults that reproduce the common case (override only what a method needs;
+the trainer has no per-method code):
+
+- `td_target` — the critic's backup y (default: the pessimistic chunked ensemble backup with
+  a′ from `sample`, METHODS §3). IFQL backs up a value net instead; ReBRAC smooths its target action.
+- `auxiliary_critic_loss` — extra losses that train the *shared* critic (CGQL's noisy-critic loss).
+- `make_critic` — the critic architecture (CGQL's critic is time-conditioned).
+- `update_targets` — EMA copies the extractor keeps inside its own params (ReBRAC's target actor).
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from flowrl.batch import Batch
-from flowrl.networks import stop_gradient_tree
+from flowrl.critic import chunked_td_target
+from flowrl.networks import CriticEnsemble, stop_gradient_tree
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -81,6 +91,53 @@ class AbstractExtractor(eqx.Module):
         self, params: PyTree, ctx: Context, obs: Float[Array, " obs"], *, key: PRNGKeyArray
     ) -> Float[Array, " d"]:
         """One (chunked) action in [−1, 1] for one observation."""
+
+    # ---- optional hooks (defaults = the common case) -----------------------------------------
+
+    def td_target(
+        self,
+        params: PyTree,
+        ctx: Context,
+        batch: Batch,
+        *,
+        discount: Float[Array, ""],
+        horizon: int,
+        rho: Float[Array, ""],
+        key: PRNGKeyArray,
+    ) -> Float[Array, " b"]:
+        """Backup y_b = R + γ^H·M·(mean_e − ρ·std_e) Q̄_e(s′, a′), a′ = `sample`(s′) (METHODS §3).
+
+        Called under stop-gradient; override for a method-specific backup.
+        """
+        keys = jax.random.split(key, batch.batch_size)
+        next_actions = jax.vmap(lambda o, k: self.sample(params, ctx, o, key=k))(batch.next_observations, keys)
+        next_q = jax.vmap(ctx.target_critic)(batch.next_observations, next_actions)
+        return jax.vmap(chunked_td_target, in_axes=(0, 0, 0, None, None, None))(
+            batch.rewards, batch.masks, next_q, discount, horizon, rho
+        )
+
+    def auxiliary_critic_loss(
+        self, params: PyTree, critic: Any, ctx: Context, batch: Batch, *, key: PRNGKeyArray
+    ) -> tuple[Float[Array, ""], Metrics]:
+        """An extra loss on the shared online `critic` (gradients reach it); default none."""
+        return jnp.zeros(()), {}
+
+    def make_critic(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden_dims: tuple[int, ...],
+        num_members: int,
+        layer_norm: bool,
+        *,
+        key: PRNGKeyArray,
+    ) -> Any:
+        """The shared critic: `(obs, action) -> (E,)`. Default: `CriticEnsemble`."""
+        return CriticEnsemble(obs_dim, action_dim, hidden_dims, num_members, key=key, layer_norm=layer_norm)
+
+    def update_targets(self, old_params: PyTree, new_params: PyTree, *, ema_rate: Float[Array, ""]) -> PyTree:
+        """After each optimiser step: refresh EMA copies kept in the params (θ_old → θ̄). Default: none."""
+        return new_params
 
 
 def frozen_context_loss(

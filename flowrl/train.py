@@ -122,12 +122,23 @@ def _check_env_dims(env_name: str, data: dict[str, np.ndarray], horizon: int) ->
 
 
 def _summarise(metrics: dict[str, jax.Array]) -> dict[str, float]:
-    """Mean of each metric over the updates of one fused chunk."""
-    return {name: float(np.mean(np.asarray(value))) for name, value in metrics.items()}
+    """Mean of each metric over the updates of one fused chunk (skipped updates: their count)."""
+    summary = {}
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        if name == "optim/skipped":
+            summary[name] = float(np.sum(value))
+        else:
+            finite = value[np.isfinite(value)]
+            summary[name] = float(np.mean(finite)) if finite.size else float("nan")
+    return summary
 
 
 def _first_non_finite(metrics: dict[str, np.ndarray], first_step: int) -> tuple[str, int] | None:
-    for name, values in sorted(metrics.items()):
+    """(metric, update) of the first non-finite value, loss terms named before derived metrics."""
+    order = sorted(metrics, key=lambda name: (name == "loss/total", "loss" not in name, name))
+    for name in order:
+        values = metrics[name]
         bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
         if bad.size:
             return name, first_step + int(bad[0]) + 1
@@ -266,6 +277,7 @@ def train(
 
         bar = tqdm(total=offline_steps, initial=start_step, desc="train", unit="upd", dynamic_ncols=True)
     train_seconds = 0.0
+    skipped_total = 0
     try:
         step = start_step
         while step < offline_steps:
@@ -274,7 +286,8 @@ def train(
             metrics = jax.device_get(metrics)
             step += steps_per_call
             train_seconds += time.perf_counter() - chunk_start
-            bad = _first_non_finite(metrics, step - steps_per_call)
+            skipped_total += int(np.sum(metrics["optim/skipped"]))
+            bad = None if agent.skip_nonfinite_updates else _first_non_finite(metrics, step - steps_per_call)
             if bad is not None:
                 name, bad_step = bad
                 raise NumericalError(
@@ -308,6 +321,7 @@ def train(
         final_step=offline_steps,
         train_seconds=train_seconds,
         success=None if last_eval is None else last_eval["eval/success"],
+        skipped_updates=skipped_total,
         checkpoint_dir=str(run / CHECKPOINT_DIR),
         train_csv=str(logger.paths("train")[1]),
         eval_csv=str(logger.paths("eval")[1]),

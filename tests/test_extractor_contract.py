@@ -21,11 +21,22 @@ from flowrl.registry import REGISTRY
 from tests.helpers import CHUNK_DIM, HIDDEN, HORIZON, OBS_DIM, tiny_batch, tiny_context
 
 
+def shrink(module):
+    """Replace every `hidden_dims` field, also in nested extractors (compositions), by HIDDEN."""
+    if not dataclasses.is_dataclass(module) or isinstance(module, type):
+        return module
+    changes = {}
+    for field in dataclasses.fields(module):
+        value = getattr(module, field.name)
+        if field.name == "hidden_dims":
+            changes[field.name] = HIDDEN
+        elif isinstance(value, eqx.Module):
+            changes[field.name] = shrink(value)
+    return dataclasses.replace(module, **changes) if changes else module
+
+
 def build(name: str) -> AbstractExtractor:
-    extractor = REGISTRY[name]()
-    if any(f.name == "hidden_dims" for f in dataclasses.fields(extractor)):
-        extractor = dataclasses.replace(extractor, hidden_dims=HIDDEN)
-    return extractor
+    return shrink(REGISTRY[name]())
 
 
 @pytest.fixture(params=sorted(REGISTRY))
