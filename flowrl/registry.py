@@ -1,8 +1,8 @@
 """The extractor registry: names → classes, each also registered with gin.
 
 `@register_extractor("qam")` puts the class in `REGISTRY` and registers it with gin under the same
-name (module `extractors`), so a gin file can say `train.extractor = @qam()` and bind
-`qam.inv_temp = 1.0`. Library code never switches on names; names live here and in gin files.
+name (module `extractors`; a '-' becomes '_', as gin identifiers require: `qam-fql` → `@qam_fql()`),
+so a gin file can say `train.extractor = @qam()` and bind `qam.inv_temp = 1.0`. Library code never switches on names; names live here and in gin files.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ from flowrl.extractor import AbstractExtractor
 REGISTRY: dict[str, type[AbstractExtractor]] = {}
 
 
+def gin_name(name: str) -> str:
+    """The gin name of a registry name: gin identifiers cannot hold '-', so 'qam-fql' → 'qam_fql'."""
+    return name.replace("-", "_")
+
+
 def register_extractor(name: str):
     """Class decorator: `REGISTRY[name] = cls` and `gin.register(name, module="extractors")(cls)`."""
 
@@ -23,7 +28,7 @@ def register_extractor(name: str):
         if name in REGISTRY and REGISTRY[name] is not cls:
             raise ValueError(f"extractor name {name!r} is already registered to {REGISTRY[name].__qualname__}")
         REGISTRY[name] = cls
-        gin.register(name, module="extractors")(cls)
+        gin.register(gin_name(name), module="extractors")(cls)
         return cls
 
     return decorate
