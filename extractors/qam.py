@@ -38,7 +38,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from extractors._fine_flow import init_fine_flow, rollout_noise, sample_fine_flow
 from flowrl.batch import Batch
 from flowrl.extractor import AbstractExtractor, Context, Metrics, batch_mean_loss
-from flowrl.flow import time_grid
+from flowrl.flow import euler_ode_sample, time_grid
 from flowrl.networks import VelocityField
 from flowrl.registry import register_extractor
 from flowrl.sde import check_scheme, lean_adjoint, memoryless_rollout, sigma_schedule
@@ -125,3 +125,13 @@ class QAM(AbstractExtractor):
         self, params: VelocityField, ctx: Context, obs: Float[Array, " obs"], *, key: PRNGKeyArray
     ) -> Float[Array, " d"]:
         return sample_fine_flow(params, obs, self.flow_steps, ctx.action_dim, key=key)
+
+    def noise_to_action(
+        self, params: VelocityField, ctx: Context, obs: Float[Array, " obs"], noise: Float[Array, " d"]
+    ) -> Float[Array, " d"]:
+        """The deterministic policy map z ↦ clip(ODE_{v_θ}(s, z)) that `sample` draws z for.
+
+        Heads that distil or edit this policy (`extractors/one_step.py`, `extractors/edit.py`) need
+        the action for a *given* noise z.
+        """
+        return euler_ode_sample(params, obs, noise, self.flow_steps)
