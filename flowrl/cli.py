@@ -151,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     from flowrl.ogbench.commands import register_cli as register_data
     from flowrl.plot import register_cli as register_plot
 
+    from flowrl.bench import register_cli as register_bench
+
     register_data(commands)
     register_plot(commands)
+    register_bench(commands)
     return parser
 
 
