@@ -241,12 +241,13 @@ def update_many(
     Returns the final state and the metrics of every update (leading axis `num_updates`).
     """
 
-    def one_update(carry: AgentState, step_key):
-        sample_key, update_key = jax.random.split(step_key)
+    def one_update(carry: AgentState, index):
+        # Update i draws from fold_in(key, i): keys are addressed, never carried or split twice.
+        sample_key, update_key = jax.random.split(jax.random.fold_in(key, index))
         new_state, metrics = update(carry, sample_batch(sample_key), extractor, config, key=update_key)
         return new_state, metrics
 
-    return jax.lax.scan(one_update, state, jax.random.split(key, num_updates))
+    return jax.lax.scan(one_update, state, jnp.arange(num_updates))
 
 
 def act(
