@@ -21,8 +21,11 @@ from flowrl.registry import REGISTRY
 from tests.helpers import CHUNK_DIM, HIDDEN, HORIZON, OBS_DIM, tiny_batch, tiny_context
 
 
+FLOW_STEPS = 3  # enough to exercise every loop; keeps compile and run times small
+
+
 def shrink(module):
-    """Replace every `hidden_dims` field, also in nested extractors (compositions), by HIDDEN."""
+    """Shrink `hidden_dims` (and the number of flow / diffusion steps), also in nested extractors."""
     if not dataclasses.is_dataclass(module) or isinstance(module, type):
         return module
     changes = {}
@@ -30,6 +33,8 @@ def shrink(module):
         value = getattr(module, field.name)
         if field.name == "hidden_dims":
             changes[field.name] = HIDDEN
+        elif field.name in ("flow_steps", "diffusion_steps") and isinstance(value, int):
+            changes[field.name] = min(value, FLOW_STEPS)
         elif isinstance(value, eqx.Module):
             changes[field.name] = shrink(value)
     return dataclasses.replace(module, **changes) if changes else module
@@ -64,33 +69,28 @@ def test_init_is_pure(extractor, getkey):
     chex.assert_tree_all_finite(_inexact(first))
 
 
-def test_loss_is_finite_scalar_with_scalar_metrics(extractor, getkey):
+def test_loss_is_finite_and_gradients_reach_only_the_extractor(extractor, getkey):
     ctx = tiny_context(getkey())
     params = extractor.init(ctx, key=getkey())
-    loss, metrics = frozen_context_loss(extractor, params, ctx, tiny_batch(getkey()), key=getkey())
+    batch = tiny_batch(getkey())
+    params_arrays, params_static = eqx.partition(params, eqx.is_inexact_array)
+    ctx_arrays, ctx_static = eqx.partition(ctx, eqx.is_inexact_array)
+
+    @eqx.filter_jit
+    def loss_and_grads(p, c, key):
+        def loss_of_arrays(p, c):
+            return frozen_context_loss(
+                extractor, eqx.combine(p, params_static), eqx.combine(c, ctx_static), batch, key=key
+            )
+
+        return jax.value_and_grad(loss_of_arrays, argnums=(0, 1), has_aux=True)(p, c)
+
+    (loss, metrics), (param_grads, ctx_grads) = loss_and_grads(params_arrays, ctx_arrays, getkey())
     assert loss.shape == () and bool(jnp.isfinite(loss))
     assert "loss" in metrics
     for name, value in metrics.items():
         assert jnp.shape(value) == (), name
         assert bool(jnp.isfinite(value)), name
-
-
-def test_gradients_reach_only_the_extractor(extractor, getkey):
-    ctx = tiny_context(getkey())
-    params = extractor.init(ctx, key=getkey())
-    batch = tiny_batch(getkey())
-    key = getkey()
-
-    def loss_of(params, ctx):
-        return frozen_context_loss(extractor, params, ctx, batch, key=key)[0]
-
-    params_arrays, params_static = eqx.partition(params, eqx.is_inexact_array)
-    ctx_arrays, ctx_static = eqx.partition(ctx, eqx.is_inexact_array)
-
-    def loss_of_arrays(p, c):
-        return loss_of(eqx.combine(p, params_static), eqx.combine(c, ctx_static))
-
-    param_grads, ctx_grads = jax.grad(loss_of_arrays, argnums=(0, 1))(params_arrays, ctx_arrays)
     for leaf in jax.tree.leaves(ctx_grads):
         assert bool(jnp.all(leaf == 0.0)), "a gradient leaked into the context"
     param_leaves = jax.tree.leaves(param_grads)
