@@ -14,11 +14,14 @@ import argparse
 import logging
 import os
 import sys
+import tokenize
 from pathlib import Path
 
 from flowrl.errors import ConfigError, FlowRLError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+# Arguments `_train` passes to `flowrl.train.train` itself (gin need not bind them).
+TRAIN_CALL_ARGS = ("run_dir", "seed", "resume", "overwrite", "config_text", "progress", "dry_run")
 
 
 def _import_extractors() -> None:
@@ -40,10 +43,13 @@ def _list(args: argparse.Namespace) -> int:
 def parse_gin(config_files: list[str], bindings: list[str]) -> str:
     """Parse gin files and bindings strictly; return the parsed config text (for the fingerprint).
 
-    Unknown names, malformed bindings and missing files raise `ConfigError` naming the file
-    (and line) or the binding.
+    Unknown names, malformed bindings, values of the wrong type (`flowrl.gin_check`) and missing
+    files raise `ConfigError` naming the file and line, or the binding; required values left
+    unbound (`gin.REQUIRED`) raise one `ConfigError` naming them all.
     """
     import gin
+
+    from flowrl.gin_check import check_required, checking_types
 
     _import_extractors()
     import flowrl.train  # noqa: F401  (registers the `train` root)
@@ -57,17 +63,30 @@ def parse_gin(config_files: list[str], bindings: list[str]) -> str:
             raise ConfigError(f"gin file {path} not found (relative paths resolve against the working "
                               f"directory, then {EXPERIMENTS_DIR})")
     resolved = [p if Path(p).is_file() else str(EXPERIMENTS_DIR / p) for p in config_files]
-    for path in resolved:
-        try:
-            gin.parse_config_file(path, skip_unknown=False)
-        except (ValueError, KeyError, ImportError, SyntaxError, TypeError) as e:
-            raise ConfigError(f"{path}: {_one_line(e)}") from None
-    for binding in bindings:
-        try:
-            gin.parse_config(binding, skip_unknown=False)
-        except (ValueError, KeyError, ImportError, SyntaxError, TypeError) as e:
-            raise ConfigError(f"--bind {binding!r}: {_one_line(e)}") from None
+    with checking_types():  # a value of the wrong type fails here, with its file and line
+        for path in resolved:
+            try:
+                gin.parse_config_file(path, skip_unknown=False)
+            except (ValueError, KeyError, ImportError, SyntaxError, TypeError, OSError) as e:
+                raise ConfigError(f"{path}: {_one_line(e)}") from None
+            except tokenize.TokenError as e:
+                raise ConfigError(f"{path}: {_token_error(e)}") from None
+        for binding in bindings:
+            try:
+                gin.parse_config(binding, skip_unknown=False)
+            except (ValueError, KeyError, ImportError, SyntaxError, TypeError, OSError) as e:
+                raise ConfigError(f"--bind {binding!r}: {_one_line(e)}") from None
+            except tokenize.TokenError as e:
+                raise ConfigError(f"--bind {binding!r}: {_token_error(e)}") from None
+    sources = ", ".join([*config_files, *(f"--bind {b!r}" for b in bindings)])
+    check_required("flowrl.train", provided=TRAIN_CALL_ARGS, sources=sources or "no config")
     return gin.config_str()
+
+
+def _token_error(error: tokenize.TokenError) -> str:
+    """Python's tokenizer (used by gin's parser) stops at the end of the text inside a bracket."""
+    message, (line, _) = error.args
+    return f"{message} at line {line}: a bracket or triple quote opened above is never closed"
 
 
 def _quiet_gin_probe(record: logging.LogRecord) -> bool:

@@ -135,14 +135,21 @@ def _summarise(metrics: dict[str, jax.Array]) -> dict[str, float]:
 
 
 def _first_non_finite(metrics: dict[str, np.ndarray], first_step: int) -> tuple[str, int] | None:
-    """(metric, update) of the first non-finite value, loss terms named before derived metrics."""
-    order = sorted(metrics, key=lambda name: (name == "loss/total", "loss" not in name, name))
-    for name in order:
-        values = metrics[name]
+    """(metric, update) of the earliest update with a non-finite value; at that update, loss
+    terms are named before their sum and before derived metrics (a NaN gradient with finite
+    losses names `optim/grad_norm`). The earliest update comes first: a bad gradient at update n
+    makes every loss of update n + 1 NaN, and naming those would point at the wrong cause."""
+    first_bad = {}
+    for name, values in metrics.items():
         bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
         if bad.size:
-            return name, first_step + int(bad[0]) + 1
-    return None
+            first_bad[name] = int(bad[0])
+    if not first_bad:
+        return None
+    update = min(first_bad.values())
+    culprits = [name for name, index in first_bad.items() if index == update]
+    name = min(culprits, key=lambda name: (name == "loss/total", "loss" not in name, name))
+    return name, first_step + update + 1
 
 
 @gin.configurable(module="flowrl")

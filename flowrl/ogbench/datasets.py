@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -97,6 +98,7 @@ def _domains_with_ob_dim(ob_dim: int) -> list[str]:
 
 def _read_key(archive: Any, path: Path, key: str) -> np.ndarray:
     try:
+        _check_declared_size(archive, path, key)
         return np.asarray(archive[key])
     except ValueError as error:
         if "pickle" in str(error).lower() or "object arrays" in str(error).lower():
@@ -105,10 +107,40 @@ def _read_key(archive: Any, path: Path, key: str) -> np.ndarray:
                 "regenerate the file or re-save it with plain numeric arrays"
             ) from None
         raise DatasetError(f"{path}: key {key!r} cannot be read ({error}); regenerate or re-download the file") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError,
+            tokenize.TokenError, SyntaxError, MemoryError) as error:
+        # RuntimeError: encrypted member; NotImplementedError: unknown compression; TokenError /
+        # SyntaxError: malformed .npy header; MemoryError: a header claiming an absurd shape.
         raise DatasetError(
-            f"{path}: key {key!r} is corrupt ({error}); delete the file and regenerate or re-download it"
+            f"{path}: key {key!r} is corrupt ({error or type(error).__name__}); delete the file and "
+            "regenerate or re-download it"
         ) from None
+
+
+def _check_declared_size(archive: Any, path: Path, key: str) -> None:
+    """Refuse a member whose .npy header claims more data than the member holds (numpy would
+    allocate the claimed size before noticing)."""
+    member = f"{key}.npy"
+    try:
+        info = archive.zip.getinfo(member)
+        with archive.zip.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return  # other header versions: np.load's own checks apply
+    except KeyError:
+        return  # a missing key is reported by the caller
+    if dtype.hasobject:
+        return  # np.load refuses it with its own (pickle) error, reported by the caller
+    claimed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if claimed > info.file_size:
+        raise DatasetError(
+            f"{path}: key {key!r} declares shape {shape} ({claimed} bytes) but holds only {info.file_size} "
+            "bytes; the file is corrupt, delete it and regenerate or re-download it"
+        )
 
 
 def read_dataset_file(path: str | Path, spec: DomainSpec) -> dict[str, np.ndarray]:
@@ -181,7 +213,8 @@ def read_dataset_file(path: str | Path, spec: DomainSpec) -> dict[str, np.ndarra
             )
 
     for key in _FLOAT_KEYS:
-        finite_rows = np.isfinite(raw[key]).all(axis=1)
+        # Checked at the training precision: a float64 1e300 is finite but becomes inf in float32.
+        finite_rows = np.isfinite(raw[key].astype(np.float32)).all(axis=1)
         if not finite_rows.all():
             row = int(np.argmin(finite_rows))
             raise DatasetError(f"{path}: key {key!r} has a NaN/inf value at row {row}; the file is corrupt, regenerate it")
