@@ -7,10 +7,14 @@ v_θ has its *own* random initialisation, not a copy of v_β (METHODS.md §9 qui
 
 from __future__ import annotations
 
+import abc
+
+import equinox as eqx
 import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from flowrl.extractor import Context
+from flowrl.batch import Batch
+from flowrl.extractor import AbstractExtractor, Context, Metrics, batch_mean_loss
 from flowrl.flow import euler_ode_sample
 from flowrl.networks import VelocityField
 
@@ -38,3 +42,46 @@ def rollout_noise(
     x0 = jax.random.normal(start_key, (action_dim,))
     noises = jax.random.normal(noise_key, (num_steps - 1, action_dim))
     return x0, noises
+
+
+class AbstractFineFlowExtractor(AbstractExtractor):
+    """An extractor whose policy is a fine-tuned flow v_θ (its params), trained per example.
+
+    Subclasses (QAM, BAM) hold `flow_steps` and `hidden_dims` fields and implement
+    `example_loss(fine, ctx, obs, key=...) -> (scalar, metrics)`; batching, sampling and the
+    noise-to-action map are shared here.
+    """
+
+    flow_steps: eqx.AbstractVar[int]
+    hidden_dims: eqx.AbstractVar[tuple[int, ...]]
+
+    @abc.abstractmethod
+    def example_loss(
+        self, fine: VelocityField, ctx: Context, obs: Array, *, key: PRNGKeyArray
+    ) -> tuple[Array, Metrics]:
+        """The per-example objective of v_θ."""
+
+    def init(self, ctx: Context, *, key: PRNGKeyArray) -> VelocityField:
+        return init_fine_flow(ctx, self.hidden_dims, key=key)
+
+    def loss(
+        self, params: VelocityField, ctx: Context, batch: Batch, *, key: PRNGKeyArray
+    ) -> tuple[Float[Array, ""], Metrics]:
+        return batch_mean_loss(
+            lambda obs, key: self.example_loss(params, ctx, obs, key=key), batch.observations, key=key
+        )
+
+    def sample(
+        self, params: VelocityField, ctx: Context, obs: Float[Array, " obs"], *, key: PRNGKeyArray
+    ) -> Float[Array, " d"]:
+        return sample_fine_flow(params, obs, self.flow_steps, ctx.action_dim, key=key)
+
+    def noise_to_action(
+        self, params: VelocityField, ctx: Context, obs: Float[Array, " obs"], noise: Float[Array, " d"]
+    ) -> Float[Array, " d"]:
+        """The deterministic policy map z ↦ clip(ODE_{v_θ}(s, z)) that `sample` draws z for.
+
+        Heads that distil or edit this policy (`extractors/one_step.py`, `extractors/edit.py`) need
+        the action for a *given* noise z.
+        """
+        return euler_ode_sample(params, obs, noise, self.flow_steps)

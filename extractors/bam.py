@@ -24,18 +24,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from extractors._fine_flow import init_fine_flow, rollout_noise, sample_fine_flow
-from flowrl.batch import Batch
+from extractors._fine_flow import AbstractFineFlowExtractor, rollout_noise
 from flowrl.critic import pessimistic_value
-from flowrl.extractor import AbstractExtractor, Context, Metrics, batch_mean_loss
-from flowrl.flow import euler_ode_sample, time_grid
+from flowrl.extractor import Context, Metrics
+from flowrl.flow import time_grid
 from flowrl.networks import VelocityField
 from flowrl.registry import register_extractor
 from flowrl.sde import memoryless_rollout, sigma_schedule
 
 
 @register_extractor("bam")
-class BAM(AbstractExtractor):
+class BAM(AbstractFineFlowExtractor):
     """Basic adjoint matching (BPTT). Fields: paper defaults (METHODS §7); per-domain λ in experiments/."""
 
     inv_temp: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=0.3)  # λ
@@ -44,8 +43,6 @@ class BAM(AbstractExtractor):
     hidden_dims: tuple[int, ...] = eqx.field(static=True, default=(512, 512, 512, 512))
     use_target_base: bool = eqx.field(static=True, default=True)
 
-    def init(self, ctx: Context, *, key: PRNGKeyArray) -> VelocityField:
-        return init_fine_flow(ctx, self.hidden_dims, key=key)
 
     def example_loss(self, fine: VelocityField, ctx: Context, obs: Array, *, key: PRNGKeyArray):
         base = ctx.target_behavior_flow if self.use_target_base else ctx.behavior_flow
@@ -62,25 +59,3 @@ class BAM(AbstractExtractor):
         kl = jnp.sum((2.0 / jnp.square(sigma))[:, None] * jnp.square(gap))
         q_term = pessimistic_value(ctx.critic(obs, states[-1]), self.rho)
         return kl - self.inv_temp * q_term, {"kl": kl, "q": q_term}
-
-    def loss(
-        self, params: VelocityField, ctx: Context, batch: Batch, *, key: PRNGKeyArray
-    ) -> tuple[Float[Array, ""], Metrics]:
-        return batch_mean_loss(
-            lambda obs, key: self.example_loss(params, ctx, obs, key=key), batch.observations, key=key
-        )
-
-    def sample(
-        self, params: VelocityField, ctx: Context, obs: Float[Array, " obs"], *, key: PRNGKeyArray
-    ) -> Float[Array, " d"]:
-        return sample_fine_flow(params, obs, self.flow_steps, ctx.action_dim, key=key)
-
-    def noise_to_action(
-        self, params: VelocityField, ctx: Context, obs: Float[Array, " obs"], noise: Float[Array, " d"]
-    ) -> Float[Array, " d"]:
-        """The deterministic policy map z ↦ clip(ODE_{v_θ}(s, z)) that `sample` draws z for.
-
-        Heads that distil or edit this policy (`extractors/one_step.py`, `extractors/edit.py`) need
-        the action for a *given* noise z.
-        """
-        return euler_ode_sample(params, obs, noise, self.flow_steps)

@@ -35,10 +35,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from extractors._fine_flow import init_fine_flow, rollout_noise, sample_fine_flow
-from flowrl.batch import Batch
-from flowrl.extractor import AbstractExtractor, Context, Metrics, batch_mean_loss
-from flowrl.flow import euler_ode_sample, time_grid
+from extractors._fine_flow import AbstractFineFlowExtractor, rollout_noise
+from flowrl.extractor import Context, Metrics
+from flowrl.flow import time_grid
 from flowrl.networks import VelocityField
 from flowrl.registry import register_extractor
 from flowrl.sde import check_scheme, lean_adjoint, memoryless_rollout, sigma_schedule
@@ -59,7 +58,7 @@ def lean_adjoint_matching_loss(
 
 
 @register_extractor("qam")
-class QAM(AbstractExtractor):
+class QAM(AbstractFineFlowExtractor):
     """Lean adjoint matching. Fields (paper defaults, METHODS §7; per-domain λ in experiments/)."""
 
     inv_temp: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=0.3)  # λ
@@ -75,8 +74,6 @@ class QAM(AbstractExtractor):
         if self.flow_steps < 1:
             raise ValueError(f"qam.flow_steps must be >= 1, got {self.flow_steps}")
 
-    def init(self, ctx: Context, *, key: PRNGKeyArray) -> VelocityField:
-        return init_fine_flow(ctx, self.hidden_dims, key=key)
 
     def _base(self, ctx: Context):
         return ctx.target_behavior_flow if self.use_target_base else ctx.behavior_flow
@@ -113,25 +110,3 @@ class QAM(AbstractExtractor):
             "fine_base_gap": jnp.mean(jnp.square(fine_velocity - base_velocity)),
         }
         return loss, metrics
-
-    def loss(
-        self, params: VelocityField, ctx: Context, batch: Batch, *, key: PRNGKeyArray
-    ) -> tuple[Float[Array, ""], Metrics]:
-        return batch_mean_loss(
-            lambda obs, key: self.example_loss(params, ctx, obs, key=key), batch.observations, key=key
-        )
-
-    def sample(
-        self, params: VelocityField, ctx: Context, obs: Float[Array, " obs"], *, key: PRNGKeyArray
-    ) -> Float[Array, " d"]:
-        return sample_fine_flow(params, obs, self.flow_steps, ctx.action_dim, key=key)
-
-    def noise_to_action(
-        self, params: VelocityField, ctx: Context, obs: Float[Array, " obs"], noise: Float[Array, " d"]
-    ) -> Float[Array, " d"]:
-        """The deterministic policy map z ↦ clip(ODE_{v_θ}(s, z)) that `sample` draws z for.
-
-        Heads that distil or edit this policy (`extractors/one_step.py`, `extractors/edit.py`) need
-        the action for a *given* noise z.
-        """
-        return euler_ode_sample(params, obs, noise, self.flow_steps)
