@@ -37,8 +37,10 @@ reproduces the logged values; False gives the product.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -46,6 +48,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from flowrl.batch import Batch
+from flowrl.extractor import AbstractExtractor, Context, Metrics
 from flowrl.networks import Dense
 
 VP_BETA_MIN = 0.1
@@ -292,3 +295,49 @@ def ddpm_batch_loss(
     losses, metrics = jax.vmap(one)(batch.observations, batch.chunked_actions, batch.valid, keys)
     loss = jnp.mean(losses)
     return loss, {"loss": loss, **{name: jnp.mean(value) for name, value in metrics.items()}}
+
+
+class AbstractDDPMExtractor(AbstractExtractor):
+    """What QSM and DAC share: an ε-network (their params), its DDPM sampler and batch loss.
+
+    Subclasses hold the fields below and differ only in the actor loss (`loss_type`), whether it
+    has an inverse temperature (`q_inv_temp`), and their sampler flags' defaults.
+    """
+
+    loss_type: ClassVar[str]
+    alpha: eqx.AbstractVar[Float[Array, ""]]
+    diffusion_steps: eqx.AbstractVar[int]
+    time_dim: eqx.AbstractVar[int]
+    hidden_dims: eqx.AbstractVar[tuple[int, ...]]
+    use_target_critic_grad: eqx.AbstractVar[bool]
+    clip_sampler_before: eqx.AbstractVar[bool]
+    clip_sampler_after: eqx.AbstractVar[bool]
+    valid_as_power: eqx.AbstractVar[bool]
+
+    @abc.abstractmethod
+    def q_inv_temp(self) -> Float[Array, ""]:
+        """λ of the Q term (DAC has none)."""
+
+    def __check_init__(self):
+        if self.diffusion_steps < 1:
+            raise ValueError(f"{self.loss_type}.diffusion_steps must be >= 1, got {self.diffusion_steps}")
+
+    def init(self, ctx: Context, *, key: PRNGKeyArray) -> NoiseNetwork:
+        return NoiseNetwork(ctx.obs_dim, ctx.action_dim, self.hidden_dims, self.time_dim, key=key)
+
+    def loss(
+        self, params: NoiseNetwork, ctx: Context, batch: Batch, *, key: PRNGKeyArray
+    ) -> tuple[Float[Array, ""], Metrics]:
+        critic = ctx.target_critic if self.use_target_critic_grad else ctx.critic
+        return ddpm_batch_loss(
+            params, critic, ddpm_schedule(self.diffusion_steps), batch, loss_type=self.loss_type,
+            inv_temp=self.q_inv_temp(), bc_weight=self.alpha, valid_as_power=self.valid_as_power, key=key,
+        )
+
+    def sample(
+        self, params: NoiseNetwork, ctx: Context, obs: Float[Array, " obs"], *, key: PRNGKeyArray
+    ) -> Float[Array, " d"]:
+        return ddpm_sample(
+            params, ddpm_schedule(self.diffusion_steps), obs,
+            clip_before=self.clip_sampler_before, clip_after=self.clip_sampler_after, key=key,
+        )

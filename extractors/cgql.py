@@ -51,7 +51,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from flowrl.batch import Batch
 from flowrl.extractor import AbstractExtractor, Context, Metrics
 from flowrl.flow import euler_ode_sample
-from flowrl.networks import MLP
+from flowrl.networks import CriticEnsemble
 from flowrl.registry import register_extractor
 
 
@@ -63,8 +63,7 @@ class TimeConditionedCriticEnsemble(eqx.Module):
     `__call__(obs, action)` is Q_e(s, a, t = 1), the clean-action critic the trainer's TD loss uses.
     """
 
-    members: MLP  # every leaf has a leading axis of size E
-    num_members: int = eqx.field(static=True)
+    ensemble: CriticEnsemble  # members over concat(obs, [action, t]): the input order concat(obs, a, t)
 
     def __init__(
         self,
@@ -76,21 +75,17 @@ class TimeConditionedCriticEnsemble(eqx.Module):
         key: PRNGKeyArray,
         layer_norm: bool = True,
     ):
-        make = lambda k: MLP(obs_dim + action_dim + 1, hidden, 1, key=k, layer_norm=layer_norm)  # noqa: E731
-        self.members = eqx.filter_vmap(make)(jax.random.split(key, num_members))
-        self.num_members = num_members
+        self.ensemble = CriticEnsemble(obs_dim, action_dim + 1, hidden, num_members, key=key, layer_norm=layer_norm)
+
+    @property
+    def num_members(self) -> int:
+        return self.ensemble.num_members
 
     def at_time(
         self, obs: Float[Array, " obs"], action: Float[Array, " d"], t: Float[Array, ""] | float
     ) -> Float[Array, " e"]:
         """Q_e(s, a, t) for every member, shape (E,)."""
-        inputs = jnp.concatenate([obs, action, jnp.reshape(jnp.asarray(t, action.dtype), (1,))])
-
-        @eqx.filter_vmap(in_axes=(eqx.if_array(0), None))
-        def member_value(member: MLP, x: Array) -> Array:
-            return member(x)[0]
-
-        return member_value(self.members, inputs)
+        return self.ensemble(obs, jnp.concatenate([action, jnp.reshape(jnp.asarray(t, action.dtype), (1,))]))
 
     def __call__(self, obs: Float[Array, " obs"], action: Float[Array, " d"]) -> Float[Array, " e"]:
         return self.at_time(obs, action, 1.0)

@@ -24,18 +24,18 @@ this policy. Agent setting of the paper: global-norm gradient clipping 1.0 (gin 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float
 
-from extractors._ddpm import NoiseNetwork, ddpm_batch_loss, ddpm_sample, ddpm_schedule
-from flowrl.batch import Batch
-from flowrl.extractor import AbstractExtractor, Context, Metrics
+from extractors._ddpm import AbstractDDPMExtractor
 from flowrl.registry import register_extractor
 
 
 @register_extractor("dac")
-class DAC(AbstractExtractor):
+class DAC(AbstractDDPMExtractor):
     """Diffusion actor-critic. Defaults: METHODS §7, with DAC's paper sampler flags (§8.2); α per domain in gin."""
 
     alpha: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=0.0)  # BC weight α
@@ -47,26 +47,7 @@ class DAC(AbstractExtractor):
     clip_sampler_after: bool = eqx.field(static=True, default=False)
     valid_as_power: bool = eqx.field(static=True, default=True)  # parity: ℓ^valid (§9.5)
 
-    def __check_init__(self):
-        if self.diffusion_steps < 1:
-            raise ValueError(f"dac.diffusion_steps must be >= 1, got {self.diffusion_steps}")
+    loss_type: ClassVar[str] = "dac"
 
-    def init(self, ctx: Context, *, key: PRNGKeyArray) -> NoiseNetwork:
-        return NoiseNetwork(ctx.obs_dim, ctx.action_dim, self.hidden_dims, self.time_dim, key=key)
-
-    def loss(
-        self, params: NoiseNetwork, ctx: Context, batch: Batch, *, key: PRNGKeyArray
-    ) -> tuple[Float[Array, ""], Metrics]:
-        critic = ctx.target_critic if self.use_target_critic_grad else ctx.critic
-        return ddpm_batch_loss(
-            params, critic, ddpm_schedule(self.diffusion_steps), batch, loss_type="dac",
-            inv_temp=jnp.zeros(()), bc_weight=self.alpha, valid_as_power=self.valid_as_power, key=key,
-        )
-
-    def sample(
-        self, params: NoiseNetwork, ctx: Context, obs: Float[Array, " obs"], *, key: PRNGKeyArray
-    ) -> Float[Array, " d"]:
-        return ddpm_sample(
-            params, ddpm_schedule(self.diffusion_steps), obs,
-            clip_before=self.clip_sampler_before, clip_after=self.clip_sampler_after, key=key,
-        )
+    def q_inv_temp(self) -> Float[Array, ""]:
+        return jnp.zeros(())  # the reference's DAC ignores inv_temp (§9.5)

@@ -23,18 +23,18 @@ global-norm gradient clipping 1.0 (`flowrl.AgentConfig.grad_clip_norm`, set in t
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float
 
-from extractors._ddpm import NoiseNetwork, ddpm_batch_loss, ddpm_sample, ddpm_schedule
-from flowrl.batch import Batch
-from flowrl.extractor import AbstractExtractor, Context, Metrics
+from extractors._ddpm import AbstractDDPMExtractor
 from flowrl.registry import register_extractor
 
 
 @register_extractor("qsm")
-class QSM(AbstractExtractor):
+class QSM(AbstractDDPMExtractor):
     """Q-score matching. Defaults: METHODS §7, with QSM's paper sampler flags (§8.2); λ, α per domain in gin."""
 
     inv_temp: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=1.0)  # λ
@@ -47,26 +47,7 @@ class QSM(AbstractExtractor):
     clip_sampler_after: bool = eqx.field(static=True, default=True)  # clip x after every step
     valid_as_power: bool = eqx.field(static=True, default=True)  # parity: ℓ^valid (§9.5)
 
-    def __check_init__(self):
-        if self.diffusion_steps < 1:
-            raise ValueError(f"qsm.diffusion_steps must be >= 1, got {self.diffusion_steps}")
+    loss_type: ClassVar[str] = "qsm"
 
-    def init(self, ctx: Context, *, key: PRNGKeyArray) -> NoiseNetwork:
-        return NoiseNetwork(ctx.obs_dim, ctx.action_dim, self.hidden_dims, self.time_dim, key=key)
-
-    def loss(
-        self, params: NoiseNetwork, ctx: Context, batch: Batch, *, key: PRNGKeyArray
-    ) -> tuple[Float[Array, ""], Metrics]:
-        critic = ctx.target_critic if self.use_target_critic_grad else ctx.critic
-        return ddpm_batch_loss(
-            params, critic, ddpm_schedule(self.diffusion_steps), batch, loss_type="qsm",
-            inv_temp=self.inv_temp, bc_weight=self.alpha, valid_as_power=self.valid_as_power, key=key,
-        )
-
-    def sample(
-        self, params: NoiseNetwork, ctx: Context, obs: Float[Array, " obs"], *, key: PRNGKeyArray
-    ) -> Float[Array, " d"]:
-        return ddpm_sample(
-            params, ddpm_schedule(self.diffusion_steps), obs,
-            clip_before=self.clip_sampler_before, clip_after=self.clip_sampler_after, key=key,
-        )
+    def q_inv_temp(self) -> Float[Array, ""]:
+        return self.inv_temp
