@@ -1,7 +1,7 @@
 """The `flowrl` command line: list, train, data generate, plot.
 
     flowrl list
-    flowrl train CONFIG.gin... [--bind 'X.y=v']... [--seed S] [--out DIR] [--resume | --overwrite]
+    flowrl train CONFIG.gin... [--bind 'X.y=v']... [--seed S | --seeds S,S,...] [--out DIR] [--resume | --overwrite]
     flowrl data generate DOMAIN [--episodes N] [--workers W] [--dir D] [--seed S]
     flowrl plot RUN... [--out FILE] [--no-paper]
 
@@ -104,18 +104,51 @@ def _default_out(config_files: list[str], seed: int) -> Path:
     return Path("runs") / f"{stem}-seed{seed}"
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2,3' or '0-3' → [0, 1, 2, 3] (distinct non-negative integers)."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            seeds.extend(range(int(low), int(high) + 1) if high else [int(low)])
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers or ranges, e.g. 0,1,2,3 or 0-3") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds {text!r}: seeds must be distinct non-negative integers")
+    return seeds
+
+
+def seed_run_dirs(out: str | None, config_files: list[str], seeds: list[int]) -> list[Path]:
+    """One run directory per seed: `--out` itself for one seed; for several, `--out` with `{seed}`
+    filled in, else `<out>/seed<S>`; by default runs/<configs>-seed<S> as single-seed runs."""
+    if out is None:
+        return [_default_out(config_files, s) for s in seeds]
+    if "{seed}" in out:
+        return [Path(out.replace("{seed}", str(s))) for s in seeds]
+    if len(seeds) == 1:
+        return [Path(out)]
+    return [Path(out) / f"seed{s}" for s in seeds]
+
+
 def _train(args: argparse.Namespace) -> int:
     import gin
 
+    if args.seeds is not None and args.seed is not None:
+        raise ConfigError("pass either --seed or --seeds, not both")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed or 0]
     config_text = parse_gin(args.configs, args.bind)
     if args.resume and args.overwrite:
         raise ConfigError("pass either --resume or --overwrite, not both")
-    out = Path(args.out) if args.out else _default_out(args.configs, args.seed)
+    outs = seed_run_dirs(args.out, args.configs, seeds)
     from flowrl.train import train
 
     try:
-        summary = train(out, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                        config_text=config_text, progress=not args.no_progress, dry_run=args.dry_run)
+        if len(seeds) == 1:
+            summaries = [train(outs[0], seed=seeds[0], resume=args.resume, overwrite=args.overwrite,
+                               config_text=config_text, progress=not args.no_progress, dry_run=args.dry_run)]
+        else:
+            summaries = train(outs, seed=seeds, resume=args.resume, overwrite=args.overwrite,
+                              config_text=config_text, progress=not args.no_progress, dry_run=args.dry_run)
         if args.dry_run:
             print(gin.operative_config_str())
             return 0
@@ -125,6 +158,12 @@ def _train(args: argparse.Namespace) -> int:
         raise
     finally:
         gin.clear_config()
+    for summary in summaries:
+        _print_summary(summary, header=len(summaries) > 1)
+    return 0
+
+
+def _print_summary(summary: dict, *, header: bool) -> None:
     run = Path(summary["run_dir"])
     plot_path = None
     if summary.get("success") is not None:
@@ -134,6 +173,8 @@ def _train(args: argparse.Namespace) -> int:
             plot_path = plot_runs([run], run / "success.png")
         except FlowRLError as e:  # a plot must never fail a finished run
             print(f"flowrl: warning: no plot: {e}", file=sys.stderr)
+    if header:
+        print(f"seed {summary['seed']}")
     print(f"run directory : {run}")
     print(f"train metrics : {summary['train_csv']}")
     print(f"eval metrics  : {summary['eval_csv']}")
@@ -142,7 +183,6 @@ def _train(args: argparse.Namespace) -> int:
         print(f"success plot  : {plot_path}")
     if summary.get("success") is not None:
         print(f"final success : {summary['success']:.3f} at step {summary['final_step']}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gin files (paths, or relative to the experiments/ directory)")
     train.add_argument("--bind", action="append", default=[], metavar="'X.y=v'",
                        help="extra gin binding (repeatable), applied after the files")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", help="run directory (default: runs/<configs>-seed<S>)")
+    train.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    train.add_argument("--seeds", metavar="S,S,...",
+                       help="train several seeds in one process (e.g. 0,1,2,3 or 0-3), one run directory each")
+    train.add_argument("--out", help="run directory (default: runs/<configs>-seed<S>); with --seeds, "
+                                     "a path containing {seed}, or a parent holding seed<S>/ per seed")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true",
                        help="move an existing different run in --out aside (renamed, never deleted)")
@@ -175,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     register_data(commands)
     register_plot(commands)
     register_bench(commands)
+    from flowrl.report import register_cli as register_report
+    from flowrl.sweep import register_cli as register_sweep
+
+    register_sweep(commands)
+    register_report(commands)
     return parser
 
 

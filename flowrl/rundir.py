@@ -235,6 +235,23 @@ def prepare_run_dir(
     return run
 
 
+def check_run_dir(
+    path: str | os.PathLike[str], *, fingerprint: str, resume: bool, overwrite: bool
+) -> None:
+    """Raise the `RunDirError` that `prepare_run_dir` would raise, without creating anything.
+
+    Multi-seed training checks every seed's directory first, so a refusal for one seed leaves
+    no half-started run behind for the others.
+    """
+    if resume and overwrite:
+        raise RunDirError("pass either --resume or --overwrite, not both")
+    run = Path(path).expanduser().absolute()
+    if run.exists() and not run.is_dir():
+        raise RunDirError(f"run directory {run} exists and is not a directory; choose another path")
+    if run.is_dir() and _listdir(run) and not overwrite:
+        _check_resumable(run, fingerprint, resume, warn=False)
+
+
 def _listdir(run: Path) -> list[str]:
     try:
         return os.listdir(run)
@@ -242,7 +259,7 @@ def _listdir(run: Path) -> list[str]:
         raise RunDirError(os_error_message(f"could not list run directory {run}", e)) from e
 
 
-def _check_resumable(run: Path, fingerprint: str, resume: bool) -> None:
+def _check_resumable(run: Path, fingerprint: str, resume: bool, *, warn: bool = True) -> None:
     """Raise unless `run` holds a flowrl run with `fingerprint` and `resume` was asked for."""
     if not (run / RUN_FILE).exists():
         raise RunDirError(
@@ -261,7 +278,8 @@ def _check_resumable(run: Path, fingerprint: str, resume: bool) -> None:
         raise RunDirError(
             f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
-    _warn_changed_packages(run, info)
+    if warn:
+        _warn_changed_packages(run, info)
 
 
 def _warn_changed_packages(run: Path, info: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -38,7 +39,14 @@ from flowrl.extractor import AbstractExtractor
 from flowrl.metrics_log import MetricsLogger
 from flowrl.registry import REGISTRY
 from flowrl.replay import SequenceDataset, sample_sequence
-from flowrl.rundir import package_versions, prepare_run_dir, read_run_info, write_json_atomic, write_text_atomic
+from flowrl.rundir import (
+    check_run_dir,
+    package_versions,
+    prepare_run_dir,
+    read_run_info,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -152,11 +160,59 @@ def _first_non_finite(metrics: dict[str, np.ndarray], first_step: int) -> tuple[
     return name, first_step + update + 1
 
 
+SEED_PARALLELISM = ("auto", "vmap", "sequential")
+
+
+def resolve_seed_parallelism(mode: str) -> str:
+    """'auto' → 'vmap' on an accelerator, 'sequential' on CPU.
+
+    On CPU a vmapped update is a different XLA program from the single-seed one, and its float
+    rounding differs (measured: ~1e-7 relative after 20 tiny QAM updates), so a seed trained in a
+    vmapped batch would drift from the same seed trained alone. Sequential mode runs each seed's
+    chunk through the single-seed compiled step — one compilation, bit-identical runs — and costs
+    nothing on a CPU that a single update already saturates. On a GPU one vmapped update of S
+    seeds fills the device far better than S small ones (`flowrl bench --seeds`).
+    """
+    if mode not in SEED_PARALLELISM:
+        raise ConfigError(f"train.seed_parallelism = {mode!r} is not one of {', '.join(SEED_PARALLELISM)}")
+    if mode == "auto":
+        return "sequential" if jax.default_backend() == "cpu" else "vmap"
+    return mode
+
+
+def _stack(trees: list[Any]) -> Any:
+    arrays = [eqx.filter(tree, eqx.is_array) for tree in trees]
+    static = eqx.filter(trees[0], eqx.is_array, inverse=True)
+    return eqx.combine(jax.tree.map(lambda *xs: jnp.stack(xs), *arrays), static)
+
+
+def _unstack(tree: Any, count: int) -> list[Any]:
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    return [eqx.combine(jax.tree.map(lambda x, i=i: x[i], arrays), static) for i in range(count)]
+
+
+@dataclasses.dataclass
+class _SeedRun:
+    """Everything one seed of a (possibly multi-seed) job owns: its directory, logs and state."""
+
+    seed: int
+    run: Path
+    base_key: jax.Array
+    eval_seed: int
+    state: AgentState
+    step: int
+    start_step: int
+    logger: MetricsLogger
+    last_eval: dict[str, float] | None = None
+    train_seconds: float = 0.0
+    skipped_total: int = 0
+
+
 @gin.configurable(module="flowrl")
 def train(
-    run_dir: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     resume: bool = False,
     overwrite: bool = False,
     env_name: str = gin.REQUIRED,
@@ -171,6 +227,7 @@ def train(
     generate_max_episode_steps: int = 1001,
     offline_steps: int = 1_000_000,
     steps_per_call: int = 1000,
+    seed_parallelism: str = "auto",
     log_interval: int = 5000,
     eval_interval: int = 50_000,
     eval_episodes: int = 50,
@@ -183,13 +240,27 @@ def train(
     progress: bool = True,
     config_text: str = "",
     dry_run: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | list[dict[str, Any]]:
     """Train offline and return a summary (final success, paths, timings).
+
+    Several seeds in one process: pass sequences `run_dir = [d_0, …]`, `seed = [s_0, …]` (or use
+    `train_many`); the result is then one summary per seed, and each run directory is what
+    `train(d_i, seed=s_i)` alone would write (same config fingerprint, checkpoints, logs and — on
+    CPU, where `seed_parallelism='auto'` runs seeds one after another through one compiled step —
+    bit-identical metrics). With `seed_parallelism='vmap'` each fused chunk of updates is one
+    `vmap` over the seeds (each with its own parameters, data order and keys).
 
     Every interval must be a multiple of `steps_per_call` (checked with a clear error). Evaluation
     is skipped when `eval_episodes = 0`. With `dry_run`, the configuration is built and checked
     and returned without touching data or the run directory.
     """
+    many = not isinstance(seed, int)
+    seeds = [int(s) for s in (seed if many else [seed])]
+    run_dirs = list(run_dir) if many else [run_dir]
+    if many and (isinstance(run_dir, (str, os.PathLike)) or len(run_dirs) != len(seeds)):
+        raise ConfigError(f"{len(seeds)} seeds need as many run directories (got {run_dir!r})")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct and at least one (got {seeds})")
     if eval_interval == 0:
         eval_interval = offline_steps or steps_per_call
     _check_intervals(offline_steps, steps_per_call, log_interval=log_interval,
@@ -198,14 +269,16 @@ def train(
         raise ConfigError(f"train.extractor must be an extractor such as @qam(), got {extractor!r}")
     if not isinstance(agent, AgentConfig):
         raise ConfigError(f"train.agent must be @flowrl.AgentConfig(), got {agent!r}")
+    parallelism = resolve_seed_parallelism(seed_parallelism)
     from flowrl.ogbench import parse_env_name
 
     parse_env_name(env_name)  # unknown env or task: one line listing the valid ones
     if dry_run:
         return {"env_name": env_name, "extractor": extractor, "agent": agent, "sparse": sparse,
-                "offline_steps": offline_steps, "eval_episodes": eval_episodes}
+                "offline_steps": offline_steps, "eval_episodes": eval_episodes, "seeds": seeds,
+                "seed_parallelism": parallelism}
 
-    # Everything that can reject the input happens before the run directory is touched.
+    # Everything that can reject the input happens before a run directory is touched.
     data_path = Path(data_dir).expanduser() if data_dir else default_data_dir()
     data, data_info = load_training_data(
         env_name, data_path, sparse=sparse, clip_actions=clip_dataset_actions,
@@ -217,9 +290,151 @@ def train(
     chunk_dim = int(data["actions"].shape[1]) * agent.horizon
     dataset = SequenceDataset.from_numpy(data)
     del data
-    fingerprint = hashlib.sha256(f"{config_text}\nseed={seed}".encode()).hexdigest()
-    run = prepare_run_dir(run_dir, fingerprint=fingerprint, resume=resume, overwrite=overwrite)
+    fingerprints = [hashlib.sha256(f"{config_text}\nseed={s}".encode()).hexdigest() for s in seeds]
+    for path, fingerprint in zip(run_dirs, fingerprints):
+        check_run_dir(path, fingerprint=fingerprint, resume=resume, overwrite=overwrite)
 
+    def sample_batch(key):
+        return sample_sequence(dataset, key, agent.batch_size, agent.horizon, agent.discount)
+
+    @eqx.filter_jit
+    def run_chunk(state: AgentState, extractor, config, key):
+        return agent_lib.update_many(
+            state, sample_batch, extractor, config, steps_per_call, key=key
+        )
+
+    @eqx.filter_jit
+    def run_chunk_seeds(states: AgentState, extractor, config, keys):
+        return eqx.filter_vmap(
+            lambda state, key: agent_lib.update_many(state, sample_batch, extractor, config, steps_per_call, key=key)
+        )(states, keys)
+
+    @eqx.filter_jit
+    def policy_fn(state: AgentState, extractor, observations, keys):
+        ctx = agent_lib.make_context(state, obs_dim, chunk_dim)
+        return jax.vmap(lambda o, k: extractor.sample(state.online.extractor, ctx, o, key=k))(
+            jnp.asarray(observations, jnp.float32), keys
+        )
+
+    runs: list[_SeedRun] = []
+    evaluator = None
+    bar = None
+    try:
+        for path, run_seed, fingerprint in zip(run_dirs, seeds, fingerprints):
+            runs.append(_start_seed_run(
+                path, run_seed, fingerprint, resume=resume, overwrite=overwrite, env_name=env_name,
+                extractor=extractor, agent=agent, obs_dim=obs_dim, chunk_dim=chunk_dim,
+                data_info=data_info, offline_steps=offline_steps, use_wandb=use_wandb,
+            ))
+        if eval_episodes > 0:
+            from flowrl.evaluation import Evaluator
+
+            evaluator = Evaluator(env_name, num_envs=min(eval_num_envs, eval_episodes), workers=eval_workers,
+                                  max_episode_steps=eval_max_episode_steps)
+
+        def run_evaluation(seed_run: _SeedRun) -> dict[str, float]:
+            state = seed_run.state
+            result = evaluator.evaluate(
+                lambda obs, keys: policy_fn(state, extractor, obs, keys),
+                episodes=eval_episodes, seed=seed_run.eval_seed, horizon=agent.horizon,
+                expected_obs_dim=obs_dim, expected_action_dim=chunk_dim // agent.horizon,
+            )
+            record = {"step": seed_run.step, **{f"eval/{k}": v for k, v in result.metrics().items()},
+                      "eval/seed": seed_run.eval_seed, "eval/episodes": eval_episodes}
+            seed_run.logger.log(record, kind="eval")
+            return record
+
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=offline_steps * len(runs), initial=sum(r.step for r in runs), desc="train",
+                       unit="upd", dynamic_ncols=True)
+
+        while True:
+            pending = [r for r in runs if r.step < offline_steps]
+            if not pending:
+                break
+            # Seeds resumed from different checkpoints catch up one by one; aligned seeds share a chunk.
+            lagging = [r for r in pending if r.step == min(p.step for p in pending)]
+            chunk_start = time.perf_counter()
+            if parallelism == "vmap" and len(lagging) > 1:
+                keys = jnp.stack([jax.random.fold_in(r.base_key, r.step) for r in lagging])
+                states, metrics = run_chunk_seeds(_stack([r.state for r in lagging]), extractor, agent, keys)
+                metrics = jax.device_get(metrics)
+                outputs = list(zip(_unstack(states, len(lagging)),
+                                   [jax.tree.map(lambda x, i=i: x[i], metrics) for i in range(len(lagging))]))
+            else:
+                outputs = []
+                for r in lagging:
+                    state, metrics = run_chunk(r.state, extractor, agent, jax.random.fold_in(r.base_key, r.step))
+                    outputs.append((state, jax.device_get(metrics)))
+            seconds = (time.perf_counter() - chunk_start) / len(lagging)
+            for r, (state, metrics) in zip(lagging, outputs):
+                r.state = state
+                r.step += steps_per_call
+                r.train_seconds += seconds
+                _after_chunk(r, metrics, seconds, agent=agent, steps_per_call=steps_per_call,
+                             offline_steps=offline_steps, log_interval=log_interval, bar=bar)
+                if bar is not None:
+                    bar.update(steps_per_call)
+                if evaluator is not None and (r.step % eval_interval == 0 or r.step == offline_steps):
+                    r.last_eval = run_evaluation(r)
+                    if bar is not None:
+                        prefix = f"seed {r.seed} " if many else ""
+                        bar.write(f"{prefix}step {r.step}: success {r.last_eval['eval/success']:.2f}")
+                if r.step % save_interval == 0 or r.step == offline_steps:
+                    r.logger.sync()
+                    save_checkpoint(r.run / CHECKPOINT_DIR, r.step, r.state, keep=keep_checkpoints)
+    finally:
+        if bar is not None:
+            bar.close()
+        for r in runs:
+            r.logger.close()
+        if evaluator is not None:
+            evaluator.close()
+
+    summaries = [
+        {
+            "run_dir": str(r.run),
+            "seed": r.seed,
+            "start_step": r.start_step,
+            "final_step": offline_steps,
+            "train_seconds": r.train_seconds,
+            "success": None if r.last_eval is None else r.last_eval["eval/success"],
+            "skipped_updates": r.skipped_total,
+            "checkpoint_dir": str(r.run / CHECKPOINT_DIR),
+            "train_csv": str(r.logger.paths("train")[1]),
+            "eval_csv": str(r.logger.paths("eval")[1]),
+            "state": r.state,
+            "seed_parallelism": parallelism,
+        }
+        for r in runs
+    ]
+    return summaries if many else summaries[0]
+
+
+def train_many(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    seeds: Sequence[int],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    config_text: str = "",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Several seeds of the gin-bound configuration in one process: one run directory per seed,
+    each as `train(run_dirs[i], seed=seeds[i])` alone would write it (see `train`)."""
+    return train(list(run_dirs), seed=[int(s) for s in seeds], resume=resume, overwrite=overwrite,
+                 config_text=config_text, progress=progress)
+
+
+def _start_seed_run(
+    path: str | os.PathLike[str], seed: int, fingerprint: str, *, resume: bool, overwrite: bool,
+    env_name: str, extractor: AbstractExtractor, agent: AgentConfig, obs_dim: int, chunk_dim: int,
+    data_info: dict[str, Any], offline_steps: int, use_wandb: bool,
+) -> _SeedRun:
+    """Prepare one seed's run directory, record what the run is, and build or restore its state."""
+    run = prepare_run_dir(path, fingerprint=fingerprint, resume=resume, overwrite=overwrite)
     # Save what this run is: operative config, versions, task and method (plots read these).
     write_text_atomic(run / "config.gin", gin.operative_config_str())
     info = read_run_info(run)
@@ -238,100 +453,30 @@ def train(
         if restored is not None:
             start_step, state, _ = restored
             print(f"resuming {run} from step {start_step}")
-
-    def sample_batch(key):
-        return sample_sequence(dataset, key, agent.batch_size, agent.horizon, agent.discount)
-
-    @eqx.filter_jit
-    def run_chunk(state: AgentState, extractor, config, key):
-        return agent_lib.update_many(
-            state, sample_batch, extractor, config, steps_per_call, key=key
-        )
-
-    @eqx.filter_jit
-    def policy_fn(state: AgentState, extractor, observations, keys):
-        ctx = agent_lib.make_context(state, obs_dim, chunk_dim)
-        return jax.vmap(lambda o, k: extractor.sample(state.online.extractor, ctx, o, key=k))(
-            jnp.asarray(observations, jnp.float32), keys
-        )
-
     logger = MetricsLogger(run, resume_from_step=start_step if resume else None, use_wandb=use_wandb,
                            wandb_kwargs={"config": {"env_name": env_name, "seed": seed}})
-    evaluator = None
-    if eval_episodes > 0:
-        from flowrl.evaluation import Evaluator
-
-        evaluator = Evaluator(env_name, num_envs=min(eval_num_envs, eval_episodes), workers=eval_workers,
-                              max_episode_steps=eval_max_episode_steps)
     eval_seed = (seed * 7919 + 1) % 2**31  # fixed per run seed, recorded with every evaluation
+    return _SeedRun(seed=seed, run=run, base_key=base_key, eval_seed=eval_seed, state=state,
+                    step=start_step, start_step=start_step, logger=logger)
 
-    def run_evaluation(step: int) -> dict[str, float]:
-        result = evaluator.evaluate(
-            lambda obs, keys: policy_fn(state, extractor, obs, keys),
-            episodes=eval_episodes, seed=eval_seed, horizon=agent.horizon,
-            expected_obs_dim=obs_dim, expected_action_dim=chunk_dim // agent.horizon,
+
+def _after_chunk(
+    r: _SeedRun, metrics: dict[str, np.ndarray], seconds: float, *, agent: AgentConfig,
+    steps_per_call: int, offline_steps: int, log_interval: int, bar: Any,
+) -> None:
+    """Account for one finished chunk of updates: skipped updates, non-finite check, train log."""
+    r.skipped_total += int(np.sum(metrics["optim/skipped"]))
+    bad = None if agent.skip_nonfinite_updates else _first_non_finite(metrics, r.step - steps_per_call)
+    if bad is not None:
+        name, bad_step = bad
+        raise NumericalError(
+            f"non-finite {name} at update {bad_step} (seed {r.seed}); the last good checkpoint in "
+            f"{r.run / CHECKPOINT_DIR} is intact — lower the learning rate or check the data"
         )
-        record = {"step": step, **{f"eval/{k}": v for k, v in result.metrics().items()},
-                  "eval/seed": eval_seed, "eval/episodes": eval_episodes}
-        logger.log(record, kind="eval")
-        return record
-
-    summary: dict[str, Any] = {"run_dir": str(run), "start_step": start_step}
-    last_eval: dict[str, float] | None = None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=offline_steps, initial=start_step, desc="train", unit="upd", dynamic_ncols=True)
-    train_seconds = 0.0
-    skipped_total = 0
-    try:
-        step = start_step
-        while step < offline_steps:
-            chunk_start = time.perf_counter()
-            state, metrics = run_chunk(state, extractor, agent, jax.random.fold_in(base_key, step))
-            metrics = jax.device_get(metrics)
-            step += steps_per_call
-            train_seconds += time.perf_counter() - chunk_start
-            skipped_total += int(np.sum(metrics["optim/skipped"]))
-            bad = None if agent.skip_nonfinite_updates else _first_non_finite(metrics, step - steps_per_call)
-            if bad is not None:
-                name, bad_step = bad
-                raise NumericalError(
-                    f"non-finite {name} at update {bad_step}; the last good checkpoint in "
-                    f"{run / CHECKPOINT_DIR} is intact — lower the learning rate or check the data"
-                )
-            if bar is not None:
-                bar.update(steps_per_call)
-            if step % log_interval == 0 or step == offline_steps:
-                record = {"step": step, **_summarise(metrics), "time/updates_per_second":
-                          steps_per_call / max(time.perf_counter() - chunk_start, 1e-9)}
-                logger.log(record, kind="train")
-                if bar is not None:
-                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("critic/loss", "bc/loss", "extractor/loss")
-                                     if k in record})
-            if evaluator is not None and (step % eval_interval == 0 or step == offline_steps):
-                last_eval = run_evaluation(step)
-                if bar is not None:
-                    bar.write(f"step {step}: success {last_eval['eval/success']:.2f}")
-            if step % save_interval == 0 or step == offline_steps:
-                logger.sync()
-                save_checkpoint(run / CHECKPOINT_DIR, step, state, keep=keep_checkpoints)
-    finally:
+    if r.step % log_interval == 0 or r.step == offline_steps:
+        record = {"step": r.step, **_summarise(metrics),
+                  "time/updates_per_second": steps_per_call / max(seconds, 1e-9)}
+        r.logger.log(record, kind="train")
         if bar is not None:
-            bar.close()
-        logger.close()
-        if evaluator is not None:
-            evaluator.close()
-
-    summary.update(
-        final_step=offline_steps,
-        train_seconds=train_seconds,
-        success=None if last_eval is None else last_eval["eval/success"],
-        skipped_updates=skipped_total,
-        checkpoint_dir=str(run / CHECKPOINT_DIR),
-        train_csv=str(logger.paths("train")[1]),
-        eval_csv=str(logger.paths("eval")[1]),
-        state=state,
-    )
-    return summary
+            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("critic/loss", "bc/loss", "extractor/loss")
+                             if k in record})
