@@ -8,6 +8,7 @@ cube-double shapes — observation 40, action 5, chunk H = 5, so D = 25):
 - updates per second with S seeds trained in one process (`vmap` of the whole fused update over
   seeds: each seed its own parameters, data order and keys);
 - action-sampling latency for 1 and for 50 observations;
+- all of it under the chosen integrator backend (`--integrator diffrax|scan`, `flowrl.integrate`);
 - peak host memory (max RSS) and, on a GPU, peak device memory.
 
 Evaluation env steps per second are measured once (they do not depend on the extractor) with
@@ -170,6 +171,13 @@ def peak_memory() -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flowrl.integrate import use_integrator
+
+    with use_integrator(args.integrator):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from flowrl.registry import load_extractor_plugins, registered_names
 
     load_extractor_plugins()
@@ -180,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
         "cpu_count": os.cpu_count(),
+        "integrator": args.integrator,
         "sizes": {"batch": args.batch_size, "hidden": hidden, "critics": args.critics,
                   "flow_steps": args.flow_steps, "obs": OBS_DIM, "action": ACTION_DIM, "horizon": HORIZON},
         "command": " ".join(sys.argv),
@@ -218,5 +227,7 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--flow-steps", type=int, default=10)
     parser.add_argument("--updates-per-call", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--integrator", choices=("diffrax", "scan"), default="diffrax",
+                        help="fixed-grid Euler backend of every flow/SDE/adjoint solve (flowrl.integrate)")
     parser.add_argument("--skip-eval", action="store_true", help="skip the evaluation env-step benchmark")
     parser.set_defaults(func=run)

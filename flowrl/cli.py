@@ -80,6 +80,11 @@ def parse_gin(config_files: list[str], bindings: list[str]) -> str:
                 raise ConfigError(f"--bind {binding!r}: {_token_error(e)}") from None
     sources = ", ".join([*config_files, *(f"--bind {b!r}" for b in bindings)])
     check_required("flowrl.train", provided=TRAIN_CALL_ARGS, sources=sources or "no config")
+    from flowrl.integrate import current_integrator
+
+    # Read once now: a bad backend fails before any work, and the choice (read again when the
+    # training step is traced) appears in the run's operative config.gin.
+    current_integrator()
     return gin.config_str()
 
 

@@ -2,7 +2,8 @@
 
 Convention: noise at t = 0, data at t = 1, linear interpolant x_τ = (1 − τ) z + τ a, so the
 target velocity is a − z. Sampling integrates dx/dt = v(s, x, t) from t = 0 to 1 with K explicit
-Euler steps on the grid t_i = i/K, through diffrax (`diffrax.Euler` + `diffrax.StepTo`).
+Euler steps on the grid t_i = i/K, through diffrax (`diffrax.Euler` + `diffrax.StepTo`) or, with
+the ``"scan"`` integrator (`flowrl.integrate`), as one `lax.scan` computing the same recursion.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import diffrax
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
+
+from flowrl.integrate import current_integrator
 
 VelocityFn = Callable[[Array, Array, Array], Array]  # (obs, x, t) -> velocity
 
@@ -47,8 +50,12 @@ def euler_ode_sample(
 ) -> Float[Array, " d"]:
     """ODE_v(s, z): x_0 = z, x_{i+1} = x_i + h·v(s, x_i, t_i), h = 1/K; returns clip(x_K, −1, 1).
 
-    Integrated by diffrax's explicit Euler stepping exactly to the grid t_i = i/K.
+    Integrated by diffrax's explicit Euler stepping exactly to the grid t_i = i/K, or by a
+    `lax.scan` of the same steps under the ``"scan"`` integrator.
     """
+    if current_integrator() == "scan":
+        x_final = _euler_ode_scan(field, obs, noise, num_steps)
+        return jnp.clip(x_final, -1.0, 1.0) if clip else x_final
     term = diffrax.ODETerm(lambda t, x, args: field(obs, x, t))
     grid = time_grid(num_steps)
     solution = diffrax.diffeqsolve(
@@ -68,3 +75,15 @@ def euler_ode_sample(
     )
     x_final = solution.ys[-1]
     return jnp.clip(x_final, -1.0, 1.0) if clip else x_final
+
+
+def _euler_ode_scan(field: VelocityFn, obs: Array, noise: Array, num_steps: int) -> Array:
+    """x_{i+1} = x_i + h·v(s, x_i, t_i) for i = 0 … K − 1, as one `lax.scan`."""
+    grid = time_grid(num_steps)
+    step = 1.0 / num_steps
+
+    def euler_step(x, t):
+        return x + step * field(obs, x, t), None
+
+    x_final, _ = jax.lax.scan(euler_step, noise, grid[:-1])
+    return x_final

@@ -33,7 +33,9 @@ All functions here are per example (one observation); `vmap` over the batch outs
 forward rollout and the backward adjoint are solved by `diffrax.diffeqsolve` with `diffrax.Euler`
 and `diffrax.StepTo` on the exact grid; the Brownian increments are supplied as a
 `diffrax.LinearInterpolation` of the fixed path W(t_i) = sqrt(h) Σ_{j<i} ε_j, so the noise is
-held fixed and reproducible (and a hand-written scan reproduces it bit for bit).
+held fixed and reproducible. Under the ``"scan"`` integrator (`flowrl.integrate`) the same
+recursions run as plain `lax.scan`s (noise entering as sqrt(h)·σ_i·ε_i); tests/test_sde.py pins
+both backends to a hand-written recursion.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import lineax
 from jaxtyping import Array, Float
 
 from flowrl.flow import VelocityFn, time_grid
+from flowrl.integrate import current_integrator
 
 Scheme = Literal["reference", "consistent"]
 SCHEMES: tuple[str, ...] = ("reference", "consistent")
@@ -101,6 +104,8 @@ def memoryless_rollout(
     `noises` holds ε_0 … ε_{K−2} (shape (K − 1, d)); K = noises.shape[0] + 1. Differentiable in
     `fine`, `base` and `x0` (BAM back-propagates through it).
     """
+    if current_integrator() == "scan":
+        return _memoryless_rollout_scan(fine, base, obs, x0, noises)
     num_steps = noises.shape[0] + 1
     step = 1.0 / num_steps
     grid = time_grid(num_steps)
@@ -124,6 +129,23 @@ def memoryless_rollout(
         diffrax.ODETerm(lambda t, x, args: base(obs, x, t)), sde_states[-1], last_grid
     )
     return jnp.concatenate([sde_states, ode_states[1:]])
+
+
+def _memoryless_rollout_scan(fine, base, obs, x0, noises):
+    """`memoryless_rollout` as one `lax.scan` over the K − 1 SDE steps, then the base ODE step."""
+    num_steps = noises.shape[0] + 1
+    step = 1.0 / num_steps
+    grid = time_grid(num_steps)
+
+    def sde_step(x, t_and_noise):
+        t, noise = t_and_noise
+        drift = 2.0 * fine(obs, x, t) - x / (t + step)
+        x_next = x + step * drift + jnp.sqrt(step) * memoryless_sigma(t, step) * noise
+        return x_next, x_next
+
+    x_last, sde_states = jax.lax.scan(sde_step, x0, (grid[: num_steps - 1], noises))
+    x_final = x_last + step * base(obs, x_last, grid[num_steps - 1])
+    return jnp.concatenate([x0[None], sde_states, x_final[None]])
 
 
 def _state_index(t: Float[Array, ""], num_steps: int) -> Array:
@@ -176,6 +198,15 @@ def _backward_adjoint(
     Returns ã_0 … ã_K (time-ordered).
     """
     num_steps = states.shape[0] - 1
+    if current_integrator() == "scan":
+        step = 1.0 / num_steps
+
+        def backward_step(adjoint, index):
+            adjoint = adjoint + step * increment(index, states[index], adjoint)
+            return adjoint, adjoint
+
+        _, earlier = jax.lax.scan(backward_step, terminal, jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32))
+        return jnp.concatenate([earlier[::-1], terminal[None]])
     backward_grid = time_grid(num_steps)[::-1]
 
     def vector_field(t, adjoint, args):

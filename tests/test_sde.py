@@ -6,6 +6,9 @@
   through the discretised SDE (noise held fixed) agree — exactly under the "consistent" scheme,
   and to O(h) under the "reference" scheme (which is therefore a different discretisation).
 - Basic adjoint with fine ≠ base equals `jax.grad` of the discretised control cost.
+
+Every test runs under both integrator backends (`flowrl.integrate`: diffrax and lax.scan), so
+the two are pinned to the same hand-written recursion.
 """
 
 import jax
@@ -13,11 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flowrl.integrate import INTEGRATORS, use_integrator
 from flowrl.networks import VelocityField
 from flowrl.sde import basic_adjoint, lean_adjoint, memoryless_rollout, sigma_schedule
 
 OBS = 2
 DIM = 3
+
+
+@pytest.fixture(autouse=True, params=INTEGRATORS)
+def integrator(request):
+    with use_integrator(request.param):
+        yield request.param
 
 
 def _fields(key):
