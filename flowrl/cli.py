@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_sweep(commands)
     register_report(commands)
+    from flowrl.report import register_cli as register_report
+    from flowrl.sweep import register_cli as register_sweep
+
+    register_sweep(commands)
+    register_report(commands)
     return parser
 
 
