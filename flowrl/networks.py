@@ -38,7 +38,10 @@ class Dense(eqx.Module):
         self.bias = jnp.zeros((out_size,))
 
     def __call__(self, x: Float[Array, " inp"]) -> Float[Array, " out"]:
-        return self.weight @ x + self.bias
+        # x·Wᵀ rather than W·x: under the callers' batch vmap this lowers to (B, in)·(in, out) with
+        # no transpose of the result, ~1.5× faster for the stacked critic ensemble on CPU
+        # (docs/performance.md); the value is the same product.
+        return x @ self.weight.T + self.bias
 
 
 class LayerNorm(eqx.Module):
