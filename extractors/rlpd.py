@@ -17,8 +17,8 @@ Parity (ColinQiyangLi/qam `agents/rlpd.py`): quirk kept (METHODS §9.9) — the 
 entropy term, and the ensemble of E members is reduced by mean − ρ·std, not by the min over a
 random subset as in the RLPD paper; `td_entropy_bonus=True` restores SAC's soft backup
 y = R + γ^H·M·(mean_e Q̄_e − ρ·std_e Q̄_e − α·log π(a′|s′)). The paper runs RLPD online-only with
-50/50 offline/online batches (§1.3); that schedule belongs to the trainer's online phase, and
-until it exists RLPD trains offline like every other extractor. The shared behaviour flow trains
+50/50 offline/online batches (§1.3); that schedule is the trainer's online phase
+(`flowrl.online`), bound in experiments/rlpd/*.gin. The shared behaviour flow trains
 alongside (the trainer always does) but the policy never uses it. Deliberate difference:
 log π of sampled actions is computed from the pre-tanh sample (METHODS §9.14).
 

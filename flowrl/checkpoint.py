@@ -36,7 +36,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -467,6 +467,37 @@ def latest_checkpoint(
             info = _read_metadata(metadata_path)
             # A template mismatch raises CheckpointError: older checkpoints would not fit either.
             tree = _load(info, like)
+        except _Unusable as e:
+            bad.append(str(e))
+            continue
+        if bad:
+            warnings.warn(
+                f"skipping unusable checkpoint: {'; '.join(bad)}; "
+                f"resuming from {info.payload_path} (step {info.step}) instead",
+                CheckpointFallbackWarning,
+                stacklevel=2,
+            )
+        return info.step, tree, info.extra
+    if bad:
+        raise CheckpointError(
+            f"no usable checkpoint in {directory}: {'; '.join(bad)}; "
+            "restore the files or pass --overwrite to start the run over"
+        )
+    return None
+
+
+def latest_checkpoint_for(
+    directory: str | os.PathLike[str], template: Callable[[dict[str, Any]], PyTree]
+) -> tuple[int, PyTree, dict[str, Any]] | None:
+    """`latest_checkpoint` for runs whose checkpoints differ in structure: each checkpoint is
+    loaded into `template(extra)`, built from its own metadata `extra` (e.g. the offline and the
+    online phase of one run, `flowrl.online`). Same fallback warnings and errors."""
+    directory = Path(directory)
+    bad: list[str] = []
+    for _, metadata_path in sorted(_metadata_files(directory).items(), reverse=True):
+        try:
+            info = _read_metadata(metadata_path)
+            tree = _load(info, template(info.extra))
         except _Unusable as e:
             bad.append(str(e))
             continue

@@ -2,6 +2,7 @@
 
     flowrl list
     flowrl train CONFIG.gin... [--bind 'X.y=v']... [--seed S | --seeds S,S,...] [--out DIR] [--resume | --overwrite]
+                 [--online-steps N] [--online-only]
     flowrl data generate DOMAIN [--episodes N] [--workers W] [--dir D] [--seed S]
     flowrl plot RUN... [--out FILE] [--no-paper]
 
@@ -135,13 +136,25 @@ def seed_run_dirs(out: str | None, config_files: list[str], seeds: list[int]) ->
     return [Path(out) / f"seed{s}" for s in seeds]
 
 
+def online_bindings(args: argparse.Namespace) -> list[str]:
+    """`--online-steps N` → `train.online_steps=N`; `--online-only` → `train.offline_steps=0` (after --bind)."""
+    bindings = []
+    if args.online_steps is not None:
+        if args.online_steps < 0:
+            raise ConfigError(f"--online-steps must be >= 0, got {args.online_steps}")
+        bindings.append(f"train.online_steps={args.online_steps}")
+    if args.online_only:
+        bindings.append("train.offline_steps=0")
+    return bindings
+
+
 def _train(args: argparse.Namespace) -> int:
     import gin
 
     if args.seeds is not None and args.seed is not None:
         raise ConfigError("pass either --seed or --seeds, not both")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed or 0]
-    config_text = parse_gin(args.configs, args.bind)
+    config_text = parse_gin(args.configs, [*args.bind, *online_bindings(args)])
     if args.resume and args.overwrite:
         raise ConfigError("pass either --resume or --overwrite, not both")
     outs = seed_run_dirs(args.out, args.configs, seeds)
@@ -197,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="print the registered extractors, one per line")
     listing.set_defaults(func=_list)
 
-    train = commands.add_parser("train", help="train offline from gin configs")
+    train = commands.add_parser("train", help="train offline (then online) from gin configs")
     train.add_argument("configs", nargs="+", metavar="CONFIG.gin",
                        help="gin files (paths, or relative to the experiments/ directory)")
     train.add_argument("--bind", action="append", default=[], metavar="'X.y=v'",
@@ -210,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true",
                        help="move an existing different run in --out aside (renamed, never deleted)")
+    train.add_argument("--online-steps", type=int, default=None, metavar="N",
+                       help="after the offline phase, fine-tune online for N env steps (binds train.online_steps)")
+    train.add_argument("--online-only", action="store_true",
+                       help="skip the offline phase (binds train.offline_steps=0), e.g. for RLPD")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--dry-run", action="store_true",
                        help="build and check the configuration, print the operative config, run nothing")
@@ -223,11 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     register_data(commands)
     register_plot(commands)
     register_bench(commands)
-    from flowrl.report import register_cli as register_report
-    from flowrl.sweep import register_cli as register_sweep
-
-    register_sweep(commands)
-    register_report(commands)
     from flowrl.report import register_cli as register_report
     from flowrl.sweep import register_cli as register_sweep
 

@@ -1,4 +1,5 @@
-"""Offline training driver: dataset → agent → fused updates → evaluation, logs and checkpoints.
+"""Training driver: dataset → agent → fused updates → evaluation, logs and checkpoints; then,
+with `online_steps > 0`, the online phase (`flowrl.online`, METHODS.md §1.3) on the same step axis.
 
 `train(...)` is flowrl's single `@gin.configurable` root (gin binds it and the constructor
 arguments of registered classes, nothing else). Per METHODS.md §1.2: each update samples a batch
@@ -33,7 +34,7 @@ import numpy as np
 
 from flowrl import agent as agent_lib
 from flowrl.agent import AgentConfig, AgentState
-from flowrl.checkpoint import latest_checkpoint, save_checkpoint
+from flowrl.checkpoint import save_checkpoint
 from flowrl.errors import ConfigError, DatasetError, NumericalError
 from flowrl.extractor import AbstractExtractor
 from flowrl.metrics_log import MetricsLogger
@@ -206,6 +207,8 @@ class _SeedRun:
     last_eval: dict[str, float] | None = None
     train_seconds: float = 0.0
     skipped_total: int = 0
+    online_restore: tuple[Any, dict[str, Any]] | None = None  # (tree, extra) of an online checkpoint
+    online_summary: dict[str, Any] | None = None
 
 
 @gin.configurable(module="flowrl")
@@ -236,6 +239,12 @@ def train(
     eval_max_episode_steps: int | None = None,
     save_interval: int = 50_000,
     keep_checkpoints: int = 3,
+    online_steps: int = 0,
+    start_training: int = 5000,
+    balanced_sampling: bool = False,
+    random_action_steps: int = 0,
+    utd_ratio: int = 1,
+    online_max_episode_steps: int | None = None,
     use_wandb: bool = False,
     progress: bool = True,
     config_text: str = "",
@@ -250,7 +259,17 @@ def train(
     bit-identical metrics). With `seed_parallelism='vmap'` each fused chunk of updates is one
     `vmap` over the seeds (each with its own parameters, data order and keys).
 
-    Every interval must be a multiple of `steps_per_call` (checked with a clear error). Evaluation
+    Online phase (METHODS §1.3, `flowrl.online`): with `online_steps > 0` the agent then acts in
+    the env for `online_steps` steps, one update per step from step `start_training` on
+    (`utd_ratio` per step), with a replay buffer that starts as the offline dataset; with
+    `balanced_sampling` (RLPD) batches are half offline, half online, and the first
+    `random_action_steps` actions are uniform. Logs, evaluations (every `eval_interval`) and
+    checkpoints (every `save_interval`) continue at step offline_steps + i; a run resumed inside the
+    online phase continues exactly (buffer, action queue, env, keys). `online_max_episode_steps`
+    is the training env's time limit (None: `eval_max_episode_steps`, else OGBench's). Several seeds
+    run their online phases one after another (an env loop per seed), each as its single-seed run.
+
+    Every offline interval must be a multiple of `steps_per_call` (checked with a clear error). Evaluation
     is skipped when `eval_episodes = 0`. With `dry_run`, the configuration is built and checked
     and returned without touching data or the run directory.
     """
@@ -270,12 +289,21 @@ def train(
     if not isinstance(agent, AgentConfig):
         raise ConfigError(f"train.agent must be @flowrl.AgentConfig(), got {agent!r}")
     parallelism = resolve_seed_parallelism(seed_parallelism)
+    from flowrl.online import OnlineSettings
+
+    online = OnlineSettings(
+        online_steps=online_steps, start_training=start_training, balanced_sampling=balanced_sampling,
+        random_action_steps=random_action_steps, utd_ratio=utd_ratio, sparse=sparse,
+        max_episode_steps=online_max_episode_steps if online_max_episode_steps is not None else eval_max_episode_steps,
+        log_interval=log_interval, eval_interval=eval_interval, save_interval=save_interval,
+    )
+    online.check(agent.horizon, agent.batch_size)
     from flowrl.ogbench import parse_env_name
 
     parse_env_name(env_name)  # unknown env or task: one line listing the valid ones
     if dry_run:
         return {"env_name": env_name, "extractor": extractor, "agent": agent, "sparse": sparse,
-                "offline_steps": offline_steps, "eval_episodes": eval_episodes, "seeds": seeds,
+                "offline_steps": offline_steps, "online_steps": online_steps, "eval_episodes": eval_episodes, "seeds": seeds,
                 "seed_parallelism": parallelism}
 
     # Everything that can reject the input happens before a run directory is touched.
@@ -290,6 +318,10 @@ def train(
     chunk_dim = int(data["actions"].shape[1]) * agent.horizon
     dataset = SequenceDataset.from_numpy(data)
     del data
+    if online_steps > 0:  # a buffer that cannot fit is refused now, not after the offline phase
+        from flowrl.online import buffer_rows, check_buffer_fits
+
+        check_buffer_fits(buffer_rows(online, int(dataset.size), agent.horizon), obs_dim, chunk_dim // agent.horizon)
     fingerprints = [hashlib.sha256(f"{config_text}\nseed={s}".encode()).hexdigest() for s in seeds]
     for path, fingerprint in zip(run_dirs, fingerprints):
         check_run_dir(path, fingerprint=fingerprint, resume=resume, overwrite=overwrite)
@@ -324,7 +356,7 @@ def train(
             runs.append(_start_seed_run(
                 path, run_seed, fingerprint, resume=resume, overwrite=overwrite, env_name=env_name,
                 extractor=extractor, agent=agent, obs_dim=obs_dim, chunk_dim=chunk_dim,
-                data_info=data_info, offline_steps=offline_steps, use_wandb=use_wandb,
+                data_info=data_info, offline_steps=offline_steps, online_steps=online_steps, use_wandb=use_wandb,
             ))
         if eval_episodes > 0:
             from flowrl.evaluation import Evaluator
@@ -332,7 +364,7 @@ def train(
             evaluator = Evaluator(env_name, num_envs=min(eval_num_envs, eval_episodes), workers=eval_workers,
                                   max_episode_steps=eval_max_episode_steps)
 
-        def run_evaluation(seed_run: _SeedRun) -> dict[str, float]:
+        def run_evaluation(seed_run: _SeedRun) -> dict[str, float]:  # at seed_run.step, with seed_run.state
             state = seed_run.state
             result = evaluator.evaluate(
                 lambda obs, keys: policy_fn(state, extractor, obs, keys),
@@ -347,7 +379,7 @@ def train(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=offline_steps * len(runs), initial=sum(r.step for r in runs), desc="train",
+            bar = tqdm(total=(offline_steps + online_steps) * len(runs), initial=sum(r.step for r in runs), desc="train",
                        unit="upd", dynamic_ncols=True)
 
         while True:
@@ -384,7 +416,17 @@ def train(
                         bar.write(f"{prefix}step {r.step}: success {r.last_eval['eval/success']:.2f}")
                 if r.step % save_interval == 0 or r.step == offline_steps:
                     r.logger.sync()
-                    save_checkpoint(r.run / CHECKPOINT_DIR, r.step, r.state, keep=keep_checkpoints)
+                    save_checkpoint(r.run / CHECKPOINT_DIR, r.step, r.state, extra={"phase": "offline"},
+                                    keep=keep_checkpoints)
+
+        if online_steps > 0:
+            for r in runs:  # one seed after another: each seed has its own env loop and buffer
+                _run_online_phase(
+                    r, online, env_name=env_name, extractor=extractor, agent=agent, dataset=dataset,
+                    obs_dim=obs_dim, chunk_dim=chunk_dim, offline_steps=offline_steps,
+                    keep_checkpoints=keep_checkpoints, bar=bar,
+                    evaluate=(run_evaluation if evaluator is not None else None),
+                )
     finally:
         if bar is not None:
             bar.close()
@@ -398,7 +440,8 @@ def train(
             "run_dir": str(r.run),
             "seed": r.seed,
             "start_step": r.start_step,
-            "final_step": offline_steps,
+            "final_step": offline_steps + online_steps,
+            "online": r.online_summary,
             "train_seconds": r.train_seconds,
             "success": None if r.last_eval is None else r.last_eval["eval/success"],
             "skipped_updates": r.skipped_total,
@@ -431,7 +474,7 @@ def train_many(
 def _start_seed_run(
     path: str | os.PathLike[str], seed: int, fingerprint: str, *, resume: bool, overwrite: bool,
     env_name: str, extractor: AbstractExtractor, agent: AgentConfig, obs_dim: int, chunk_dim: int,
-    data_info: dict[str, Any], offline_steps: int, use_wandb: bool,
+    data_info: dict[str, Any], offline_steps: int, online_steps: int, use_wandb: bool,
 ) -> _SeedRun:
     """Prepare one seed's run directory, record what the run is, and build or restore its state."""
     run = prepare_run_dir(path, fingerprint=fingerprint, resume=resume, overwrite=overwrite)
@@ -440,7 +483,7 @@ def _start_seed_run(
     info = read_run_info(run)
     info.update(
         env_name=env_name, extractor=extractor_name(extractor), seed=seed,
-        versions=package_versions(), data=data_info, offline_steps=offline_steps,
+        versions=package_versions(), data=data_info, offline_steps=offline_steps, online_steps=online_steps,
     )
     write_json_atomic(run / "run.json", info)
 
@@ -448,16 +491,29 @@ def _start_seed_run(
     init_key = jax.random.fold_in(base_key, -1 % 2**31)
     state = agent_lib.init_agent(extractor, agent, obs_dim, chunk_dim, key=init_key)
     start_step = 0
+    online_restore = None
     if resume:
-        restored = latest_checkpoint(run / CHECKPOINT_DIR, like=state)
+        from flowrl.online import is_online_checkpoint, latest_phase_checkpoint, online_checkpoint_template
+
+        def template(extra: dict[str, Any]) -> Any:
+            if is_online_checkpoint(extra):
+                return online_checkpoint_template(state, extra, obs_dim, chunk_dim // agent.horizon, agent.horizon)
+            return state
+
+        restored = latest_phase_checkpoint(run / CHECKPOINT_DIR, template)
         if restored is not None:
-            start_step, state, _ = restored
+            start_step, tree, extra = restored
+            if is_online_checkpoint(extra):
+                online_restore = (tree, extra)
+                state = tree["agent"]
+            else:
+                state = tree
             print(f"resuming {run} from step {start_step}")
     logger = MetricsLogger(run, resume_from_step=start_step if resume else None, use_wandb=use_wandb,
                            wandb_kwargs={"config": {"env_name": env_name, "seed": seed}})
     eval_seed = (seed * 7919 + 1) % 2**31  # fixed per run seed, recorded with every evaluation
     return _SeedRun(seed=seed, run=run, base_key=base_key, eval_seed=eval_seed, state=state,
-                    step=start_step, start_step=start_step, logger=logger)
+                    step=start_step, start_step=start_step, logger=logger, online_restore=online_restore)
 
 
 def _after_chunk(
@@ -480,3 +536,60 @@ def _after_chunk(
         if bar is not None:
             bar.set_postfix({k: f"{record[k]:.3g}" for k in ("critic/loss", "bc/loss", "extractor/loss")
                              if k in record})
+
+
+def _run_online_phase(
+    r: _SeedRun, settings: Any, *, env_name: str, extractor: AbstractExtractor, agent: AgentConfig,
+    dataset: SequenceDataset, obs_dim: int, chunk_dim: int, offline_steps: int, keep_checkpoints: int,
+    bar: Any, evaluate: Any,
+) -> None:
+    """One seed's online phase (METHODS §1.3; `flowrl.online.OnlinePhase`), resumed if it was checkpointed."""
+    from flowrl.online import OnlinePhase
+
+    if r.step >= offline_steps + settings.online_steps:
+        return
+    phase = OnlinePhase(env_name, extractor, agent, settings, dataset, seed=r.seed, obs_dim=obs_dim,
+                        chunk_dim=chunk_dim, step_offset=offline_steps)
+    (bar.write if bar is not None else print)(f"seed {r.seed}: {phase.buffer_message}")
+    if r.online_restore is not None:
+        r.state = phase.restore(*r.online_restore)
+        r.online_restore = None
+
+    def on_log(step: int, record: dict[str, float]) -> None:
+        if not agent.skip_nonfinite_updates:
+            bad = sorted(k for k, v in record.items() if k.split("/")[0] in ("critic", "bc", "extractor", "loss",
+                                                                             "optim") and not math.isfinite(v))
+            if bad:
+                raise NumericalError(
+                    f"non-finite {bad[0]} in the online updates before step {step} (seed {r.seed}); the last good "
+                    f"checkpoint in {r.run / CHECKPOINT_DIR} is intact — lower the learning rate or check the data"
+                )
+        r.logger.log({"step": step, **record}, kind="train")
+
+    def on_eval(step: int, state: AgentState) -> None:
+        if evaluate is None:
+            return
+        r.state, r.step = state, step
+        r.last_eval = evaluate(r)
+        if bar is not None:
+            bar.write(f"seed {r.seed} step {step}: success {r.last_eval['eval/success']:.2f}")
+
+    def on_save(step: int, tree: Any, extra: dict[str, Any]) -> None:
+        r.logger.sync()
+        save_checkpoint(r.run / CHECKPOINT_DIR, step, tree, extra=extra, keep=keep_checkpoints)
+
+    started = time.perf_counter()
+    try:
+        r.state = phase.run(r.state, on_log=on_log, on_eval=on_eval, on_save=on_save,
+                            on_progress=(bar.update if bar is not None else None))
+    finally:
+        phase.close()
+    r.step = offline_steps + settings.online_steps
+    r.train_seconds += time.perf_counter() - started
+    r.online_summary = {
+        "buffer": phase.buffer_message,
+        "env_steps": phase.env_steps_timed,
+        "env_and_policy_seconds": phase.env_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "env_steps_per_second": phase.env_steps_timed / max(time.perf_counter() - started, 1e-9),
+    }
