@@ -170,9 +170,11 @@ def resolve_seed_parallelism(mode: str) -> str:
     On CPU a vmapped update is a different XLA program from the single-seed one, and its float
     rounding differs (measured: ~1e-7 relative after 20 tiny QAM updates), so a seed trained in a
     vmapped batch would drift from the same seed trained alone. Sequential mode runs each seed's
-    chunk through the single-seed compiled step — one compilation, bit-identical runs — and costs
-    nothing on a CPU that a single update already saturates. On a GPU one vmapped update of S
-    seeds fills the device far better than S small ones (`flowrl bench --seeds`).
+    chunk through the single-seed compiled step — one compilation, bit-identical runs. On CPU,
+    vmapping seeds is not reliably faster (`flowrl bench --seeds`, docs/performance.md: faster for
+    some methods, slower for others), so the exact path is the default there; bind 'vmap' to trade
+    bit-identity for throughput. On a GPU one vmapped update of S seeds fills the device far better
+    than S small ones.
     """
     if mode not in SEED_PARALLELISM:
         raise ConfigError(f"train.seed_parallelism = {mode!r} is not one of {', '.join(SEED_PARALLELISM)}")
