@@ -166,15 +166,16 @@ def test_paper_grid_dry_run_cost(capsys):
     assert main(["sweep", str(REPO / "experiments/paper/grid.yaml"), "--dry-run", "--out", "/nonexistent/runs",
                  "--subset", "methods=qam,fql", "--subset", "domains=scene-play"]) == 0
     out = capsys.readouterr().out
-    assert "10 cells, 120 runs (120,000,000 updates)" in out
-    # By hand: 60 QAM runs × 1M updates × 0.555 CPU-s + 60 FQL runs × 1M × 0.39 CPU-s = 15,750 CPU-h.
-    assert "estimated CPU cost, whole grid: 15,750 CPU-core-hours" in out
+    assert "10 cells, 120 runs (180,000,000 updates)" in out
+    # By hand: 60 QAM runs × (1M offline + 500K online) updates × 0.429 CPU-s + 60 FQL runs × 1.5M × 0.287 CPU-s
+    # = 10,725 + 7,175 = 17,900 CPU-h.
+    assert "estimated CPU cost, whole grid: 17,900 CPU-core-hours" in out
     assert "estimated GPU cost, whole grid: unknown" in out
-    # RLPD runs online only (500K steps): 60 runs × 500K × 0.35 CPU-s = 2,917 CPU-h.
+    # RLPD runs online only (500K steps): 60 runs × 500K × 0.279 CPU-s = 2,325 CPU-h.
     assert main(["sweep", str(REPO / "experiments/paper/grid.yaml"), "--dry-run", "--out", "/nonexistent/runs",
                  "--subset", "methods=rlpd", "--subset", "domains=scene-play"]) == 0
     out = capsys.readouterr().out
-    assert "5 cells, 60 runs (30,000,000 updates)" in out and "whole grid: 2,917 CPU-core-hours" in out
+    assert "5 cells, 60 runs (30,000,000 updates)" in out and "whole grid: 2,325 CPU-core-hours" in out
 
 
 def test_cost_table_from_a_bench_file(tmp_path):
@@ -182,12 +183,12 @@ def test_cost_table_from_a_bench_file(tmp_path):
         {"extractor": "qam", "cpu_seconds_per_update": 0.01, "ms_per_update": 4.0}]}
     (tmp_path / "gpu.json").write_text(json.dumps(bench))
     tables = sweep.load_cost_tables([tmp_path / "gpu.json"])
-    assert tables["gpu"].seconds_per_update == {"qam": 0.004} and tables["cpu"].seconds_per_update["qam"] == 0.555
+    assert tables["gpu"].seconds_per_update == {"qam": 0.004} and tables["cpu"].seconds_per_update["qam"] == 0.429
     cell = sweep.Cell("qam", "scene-play", 1, "default", "scene-play-singletask-task1-v0", (), (), (0, 1, 2),
                       "0" * 64, 900_000, tmp_path / "nowhere")
     cost = sweep.estimate_cost([cell], tables)
     assert cost["gpu_hours"] == pytest.approx(3 * 900_000 * 0.004 / 3600)
-    assert cost["cpu_hours"] == pytest.approx(3 * 900_000 * 0.555 / 3600)
+    assert cost["cpu_hours"] == pytest.approx(3 * 900_000 * 0.429 / 3600)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(sweep.SweepSpecError, match="bad.json: not a cost table"):
         sweep.load_cost_tables([tmp_path / "bad.json"])
