@@ -460,34 +460,11 @@ def latest_checkpoint(
     `CheckpointError` if checkpoints exist but none is usable (resuming from scratch would
     silently discard the run), or if `like` does not match what was stored.
     """
-    directory = Path(directory)
-    bad: list[str] = []
-    for _, metadata_path in sorted(_metadata_files(directory).items(), reverse=True):
-        try:
-            info = _read_metadata(metadata_path)
-            # A template mismatch raises CheckpointError: older checkpoints would not fit either.
-            tree = _load(info, like)
-        except _Unusable as e:
-            bad.append(str(e))
-            continue
-        if bad:
-            warnings.warn(
-                f"skipping unusable checkpoint: {'; '.join(bad)}; "
-                f"resuming from {info.payload_path} (step {info.step}) instead",
-                CheckpointFallbackWarning,
-                stacklevel=2,
-            )
-        return info.step, tree, info.extra
-    if bad:
-        raise CheckpointError(
-            f"no usable checkpoint in {directory}: {'; '.join(bad)}; "
-            "restore the files or pass --overwrite to start the run over"
-        )
-    return None
+    return latest_checkpoint_for(directory, lambda extra: like, _stacklevel=3)
 
 
 def latest_checkpoint_for(
-    directory: str | os.PathLike[str], template: Callable[[dict[str, Any]], PyTree]
+    directory: str | os.PathLike[str], template: Callable[[dict[str, Any]], PyTree], *, _stacklevel: int = 2
 ) -> tuple[int, PyTree, dict[str, Any]] | None:
     """`latest_checkpoint` for runs whose checkpoints differ in structure: each checkpoint is
     loaded into `template(extra)`, built from its own metadata `extra` (e.g. the offline and the
@@ -497,6 +474,7 @@ def latest_checkpoint_for(
     for _, metadata_path in sorted(_metadata_files(directory).items(), reverse=True):
         try:
             info = _read_metadata(metadata_path)
+            # A template mismatch raises CheckpointError: older checkpoints would not fit either.
             tree = _load(info, template(info.extra))
         except _Unusable as e:
             bad.append(str(e))
@@ -506,7 +484,7 @@ def latest_checkpoint_for(
                 f"skipping unusable checkpoint: {'; '.join(bad)}; "
                 f"resuming from {info.payload_path} (step {info.step}) instead",
                 CheckpointFallbackWarning,
-                stacklevel=2,
+                stacklevel=_stacklevel,
             )
         return info.step, tree, info.extra
     if bad:
