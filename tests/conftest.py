@@ -18,6 +18,14 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_debug_key_reuse", True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test module: an xdist worker runs hundreds of
+    tests, and keeping every executable it ever compiled grows its memory by gigabytes."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _clear_gin():
     gin.clear_config()

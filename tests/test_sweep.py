@@ -20,6 +20,8 @@ from flowrl import sweep
 from flowrl.cli import main
 from flowrl.errors import ConfigError, DatasetError
 
+# A small object store: Ray otherwise reserves ~30% of RAM, which the parallel test workers need.
+RAY_TEST_INIT = {"num_cpus": 2, "log_to_driver": False, "object_store_memory": 200 * 1024**2}
 REPO = Path(__file__).resolve().parents[1]
 ENV = "cube-double-play-singletask-task2-v0"
 
@@ -294,7 +296,7 @@ def test_ray_retries_exhausted_and_user_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     spec = sweep.load_spec(tiny_spec(tmp_path, tmp_path / "no-data", retries=1, seeds="[0]"))
     summary = sweep.run_sweep(spec, tmp_path / "runs", engine="ray", max_parallel=1, log=lambda _: None,
-                              ray_init_kwargs={"num_cpus": 2, "log_to_driver": False})
+                              ray_init_kwargs=RAY_TEST_INIT)
     cells = {c["method"]: c for c in summary["cells"]}
     assert summary["counts"]["failed"] == 2
     assert cells["qam"]["attempts"] == 2 and cells["qam"]["error"].startswith("WorkerCrashedError")
@@ -321,7 +323,7 @@ def test_ray_sweep_kill_retry_rerun_and_report(tmp_path, data_dir, monkeypatch, 
     spec = sweep.load_spec(tiny_spec(tmp_path, data_dir, retries=1))
     out = tmp_path / "runs"
     start = time.perf_counter()
-    summary = sweep.run_sweep(spec, out, engine="ray", ray_init_kwargs={"num_cpus": 2, "log_to_driver": False})
+    summary = sweep.run_sweep(spec, out, engine="ray", ray_init_kwargs=RAY_TEST_INIT)
     wall = time.perf_counter() - start
     print(f"tiny Ray sweep wall time: {wall:.1f} s")
     assert summary["counts"] == {"skipped": 0, "ran": 2, "failed": 0, "pending": 0}, summary
