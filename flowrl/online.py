@@ -209,18 +209,16 @@ def extend_buffer(dataset: SequenceDataset, extra_rows: int, horizon: int) -> Se
     return SequenceDataset(**arrays, size=jnp.array(int(dataset.size), jnp.int32))
 
 
+def zero_rows(rows: int, obs_dim: int, action_dim: int) -> dict[str, np.ndarray]:
+    """`rows` empty transitions on the host, one float32 array per buffer field."""
+    widths = {"observations": (obs_dim,), "actions": (action_dim,), "next_observations": (obs_dim,)}
+    return {name: np.zeros((rows, *widths.get(name, ())), np.float32) for name in _FIELDS}
+
+
 def empty_buffer(rows: int, obs_dim: int, action_dim: int, horizon: int) -> SequenceDataset:
     """The balanced (online-only) buffer: `rows` + H − 1 empty rows, size 0."""
-    capacity = rows + horizon - 1
-    return SequenceDataset(
-        observations=jnp.zeros((capacity, obs_dim), jnp.float32),
-        actions=jnp.zeros((capacity, action_dim), jnp.float32),
-        rewards=jnp.zeros((capacity,), jnp.float32),
-        masks=jnp.zeros((capacity,), jnp.float32),
-        terminals=jnp.zeros((capacity,), jnp.float32),
-        next_observations=jnp.zeros((capacity, obs_dim), jnp.float32),
-        size=jnp.zeros((), jnp.int32),
-    )
+    arrays = zero_rows(rows + horizon - 1, obs_dim, action_dim)
+    return SequenceDataset(**{name: jnp.asarray(a) for name, a in arrays.items()}, size=jnp.zeros((), jnp.int32))
 
 
 def append_rows(buffer: SequenceDataset, rows: Mapping[str, Array], count: Array) -> SequenceDataset:
@@ -604,14 +602,7 @@ class OnlinePhase:
         # The block call donates the agent's buffers; the offline phase may hand over leaves that
         # share one buffer (targets start as the online modules), which cannot be donated twice.
         state = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)
-        rows = {
-            "observations": np.zeros((horizon, obs_dim), np.float32),
-            "actions": np.zeros((horizon, action_dim), np.float32),
-            "rewards": np.zeros((horizon,), np.float32),
-            "masks": np.zeros((horizon,), np.float32),
-            "terminals": np.zeros((horizon,), np.float32),
-            "next_observations": np.zeros((horizon, obs_dim), np.float32),
-        }
+        rows = zero_rows(horizon, obs_dim, action_dim)
         interval_start = time.perf_counter()
         interval_steps = 0
         while p.step < s.online_steps:
@@ -774,15 +765,7 @@ def online_checkpoint_template(
     state: AgentState, extra: Mapping[str, Any], obs_dim: int, action_dim: int, horizon: int
 ) -> dict[str, Any]:
     """The `like` tree of an online checkpoint whose metadata `extra` says how many rows it holds."""
-    n = int(extra["online_rows"])
-    rows = {
-        "observations": np.zeros((n, obs_dim), np.float32),
-        "actions": np.zeros((n, action_dim), np.float32),
-        "rewards": np.zeros((n,), np.float32),
-        "masks": np.zeros((n,), np.float32),
-        "terminals": np.zeros((n,), np.float32),
-        "next_observations": np.zeros((n, obs_dim), np.float32),
-    }
+    rows = zero_rows(int(extra["online_rows"]), obs_dim, action_dim)
     return {"agent": state, "rows": rows, "queue": np.zeros((horizon, action_dim), np.float32)}
 
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib
 import json
 import os
@@ -67,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from flowrl.errors import ConfigError, FlowRLError
-from flowrl.rundir import write_json_atomic
+from flowrl.rundir import config_fingerprint, write_json_atomic
 
 __all__ = [
     "Cell",
@@ -380,10 +379,6 @@ def _train_value(name: str) -> int:
         return int(parameter.default) if parameter is not None else 0
 
 
-def config_hash(config_text: str) -> str:
-    return hashlib.sha256(config_text.encode("utf-8")).hexdigest()
-
-
 def expand_cells(spec: SweepSpec, out: str | os.PathLike[str]) -> list[Cell]:
     """All cells of the grid, in (method, domain, task, variant) order, each with its parsed config.
 
@@ -406,7 +401,7 @@ def expand_cells(spec: SweepSpec, out: str | os.PathLike[str]) -> list[Cell]:
                     except FlowRLError as e:
                         raise SweepSpecError(f"{spec.path}: cell (method={method}, domain={domain}, task={task}, "
                                              f"variant={variant}): {_one_line(e)}") from None
-                    digest = config_hash(text)
+                    digest = config_fingerprint(text)
                     directory = out / method / env_name / f"{variant}-{digest[:12]}"
                     cells.append(Cell(method, domain, task, variant, env_name, files, bindings, spec.seeds,
                                       digest, steps, directory))
@@ -472,7 +467,7 @@ def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
 
         gin.clear_config()
         config_text = parse_gin(payload["config_files"], payload["bindings"])
-        digest = config_hash(config_text)
+        digest = config_fingerprint(config_text)
         if digest != payload["config_hash"]:
             raise SweepError(
                 f"{directory}: the config parsed on this machine hashes to {digest[:12]}, the driver's to "

@@ -17,9 +17,7 @@ tests/test_train.py). Evaluation seeds are derived from the run seed and recorde
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ from flowrl.registry import REGISTRY
 from flowrl.replay import SequenceDataset, sample_sequence
 from flowrl.rundir import (
     check_run_dir,
+    config_fingerprint,
     package_versions,
     prepare_run_dir,
     read_run_info,
@@ -324,7 +323,7 @@ def train(
         from flowrl.online import buffer_rows, check_buffer_fits
 
         check_buffer_fits(buffer_rows(online, int(dataset.size), agent.horizon), obs_dim, chunk_dim // agent.horizon)
-    fingerprints = [hashlib.sha256(f"{config_text}\nseed={s}".encode()).hexdigest() for s in seeds]
+    fingerprints = [config_fingerprint(f"{config_text}\nseed={s}") for s in seeds]
     for path, fingerprint in zip(run_dirs, fingerprints):
         check_run_dir(path, fingerprint=fingerprint, resume=resume, overwrite=overwrite)
 
@@ -559,9 +558,10 @@ def _run_online_phase(
 
     def on_log(step: int, record: dict[str, float]) -> None:
         if not agent.skip_nonfinite_updates:
-            bad = sorted(k for k, v in record.items() if k.split("/")[0] in ("critic", "bc", "extractor", "loss",
-                                                                             "optim") and not math.isfinite(v))
-            if bad:
+            update_metrics = {k: np.asarray([v]) for k, v in record.items()
+                              if k.split("/")[0] in ("critic", "bc", "extractor", "loss", "optim")}
+            bad = _first_non_finite(update_metrics, step)  # the same culprit rule as offline
+            if bad is not None:
                 raise NumericalError(
                     f"non-finite {bad[0]} in the online updates before step {step} (seed {r.seed}); the last good "
                     f"checkpoint in {r.run / CHECKPOINT_DIR} is intact — lower the learning rate or check the data"

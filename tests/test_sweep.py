@@ -140,7 +140,7 @@ variants: {default: [], lowlr: ['flowrl.AgentConfig.learning_rate = 1e-4']}
     from flowrl.cli import parse_gin
 
     text = parse_gin(["qam/scene-play.gin"], [f"train.env_name = '{cell.env_name}'"])
-    assert sweep.config_hash(text) == cell.config_hash
+    assert sweep.config_fingerprint(text) == cell.config_hash
     # Changing one binding changes only the cells it touches.
     path.write_text(path.read_text().replace("1e-4", "2e-4"))
     changed = sweep.expand_cells(sweep.load_spec(path), tmp_path / "runs")
